@@ -1,0 +1,47 @@
+"""Request dependencies: settings, stores and the caller's identity."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from api.auth import authenticate
+from shared.blobs import LocalBlobStore
+from shared.errors import InvalidRequest
+from shared.scope import Principal
+from shared.settings import Settings
+from shared.store import Store
+
+MAX_END_USER_CHARS = 256
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_store(request: Request) -> Store:
+    return request.app.state.store
+
+
+def get_blobs(request: Request) -> LocalBlobStore:
+    return request.app.state.blobs
+
+
+def get_principal(request: Request) -> Principal:
+    tenant = authenticate(request.app.state.keyring, request.headers)
+    end_user = request.headers.get("x-on-behalf-of")
+    if end_user is not None:
+        end_user = end_user.strip()
+        if not end_user or len(end_user) > MAX_END_USER_CHARS or not end_user.isprintable():
+            raise InvalidRequest(
+                f"Invalid 'X-On-Behalf-Of' header: must be 1 to {MAX_END_USER_CHARS} printable characters.",
+                param="X-On-Behalf-Of",
+            )
+    return Principal(tenant, end_user)
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StoreDep = Annotated[Store, Depends(get_store)]
+BlobsDep = Annotated[LocalBlobStore, Depends(get_blobs)]
+PrincipalDep = Annotated[Principal, Depends(get_principal)]

@@ -1,0 +1,52 @@
+"""The HTTP front door: an OpenAI-compatible Files and Batches API."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI
+from starlette.middleware.body_limit import RequestBodyLimitMiddleware
+
+from api import errors
+from api.auth import KeyRing
+from api.request_id import RequestIdMiddleware
+from api.routes import batches, files, health
+from shared.blobs import make_blob_store
+from shared.settings import DEV_API_KEY, Settings, get_settings
+from shared.store import Store
+
+log = logging.getLogger("batchgate.api")
+
+MULTIPART_OVERHEAD = 1024 * 1024
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="batchgate",
+        version="0.1.0",
+        description="A self-hosted, OpenAI-compatible Batch API.",
+    )
+    app.state.settings = settings
+    app.state.store = Store.from_url(settings.redis_url)
+    app.state.blobs = make_blob_store(settings.data_dir)
+    app.state.keyring = KeyRing.from_settings(settings)
+    if settings.dev_mode and not settings.api_keys:
+        log.warning("development mode: accepting the API key %s", DEV_API_KEY)
+
+    errors.install(app)
+    app.include_router(health.router)
+    app.include_router(files.router, prefix="/v1")
+    app.include_router(batches.router, prefix="/v1")
+    app.add_middleware(RequestBodyLimitMiddleware, max_body_size=settings.max_upload_bytes + MULTIPART_OVERHEAD)
+    app.add_middleware(RequestIdMiddleware)
+    return app
+
+
+def __getattr__(name: str):
+    # `uvicorn api.main:app` builds the app on first access, after the environment is final.
+    if name == "app":
+        application = create_app()
+        globals()["app"] = application
+        return application
+    raise AttributeError(name)

@@ -1,0 +1,160 @@
+"""Batches as the API sees them: create, retrieve, list and cancel, each scoped to its owner."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from shared.errors import Conflict, InvalidRequest, NotFound, invalid_parameter, missing_parameter
+from shared.file_service import get_file_record
+from shared.ids import new_batch_id
+from shared.schemas import SUPPORTED_ENDPOINTS, Batch, ListPage
+from shared.settings import Settings
+from shared.store import Store
+
+BATCHES_LIST_MAX = 100
+BATCHES_LIST_DEFAULT = 20
+METADATA_MAX_PAIRS = 16
+METADATA_MAX_KEY = 64
+METADATA_MAX_VALUE = 512
+COMPLETION_WINDOWS = ("24h",)
+CANCELLABLE = ("validating", "in_progress")
+
+
+def validate_metadata(metadata: Any) -> dict[str, str] | None:
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict):
+        raise invalid_parameter("metadata", "Invalid 'metadata': expected an object of string keys and values.")
+    if len(metadata) > METADATA_MAX_PAIRS:
+        raise invalid_parameter(
+            "metadata", f"Invalid 'metadata': too many keys ({len(metadata)}); at most {METADATA_MAX_PAIRS} are allowed."
+        )
+    for key, value in metadata.items():
+        if not isinstance(value, str):
+            raise invalid_parameter("metadata", f"Invalid 'metadata': the value of '{key[:64]}' must be a string.")
+        if len(key) > METADATA_MAX_KEY:
+            raise invalid_parameter(
+                "metadata", f"Invalid 'metadata': key '{key[:64]}…' is longer than {METADATA_MAX_KEY} characters."
+            )
+        if len(value) > METADATA_MAX_VALUE:
+            raise invalid_parameter(
+                "metadata", f"Invalid 'metadata': the value of '{key}' is longer than {METADATA_MAX_VALUE} characters."
+            )
+    return metadata
+
+
+def validate_output_expires_after(value: Any) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or value.get("anchor") != "created_at":
+        raise invalid_parameter(
+            "output_expires_after", "Invalid 'output_expires_after': expected {\"anchor\": \"created_at\", \"seconds\": N}."
+        )
+    seconds = value.get("seconds")
+    if not isinstance(seconds, int) or isinstance(seconds, bool) or not 3600 <= seconds <= 2_592_000:
+        raise invalid_parameter(
+            "output_expires_after.seconds",
+            "Invalid 'output_expires_after.seconds': must be an integer between 3600 and 2592000.",
+        )
+    return seconds
+
+
+def create_batch(
+    store: Store,
+    settings: Settings,
+    scope: str,
+    body: Any,
+    *,
+    default_window: str | None = None,
+    window_aliases: tuple[str, ...] = (),
+    provider: str | None = None,
+) -> Batch:
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    input_file_id = body.get("input_file_id")
+    endpoint = body.get("endpoint")
+    window = body.get("completion_window", default_window)
+    if input_file_id in (None, ""):
+        raise missing_parameter("input_file_id")
+    if not isinstance(input_file_id, str):
+        raise invalid_parameter("input_file_id", "Invalid 'input_file_id': expected a string.")
+    if endpoint in (None, ""):
+        raise missing_parameter("endpoint")
+    if endpoint not in SUPPORTED_ENDPOINTS:
+        raise InvalidRequest(
+            f"Invalid 'endpoint': {str(endpoint)[:200]!r} is not supported. "
+            f"Supported endpoints: {', '.join(SUPPORTED_ENDPOINTS)}.",
+            param="endpoint",
+            code="unsupported_endpoint",
+        )
+    if window in (None, ""):
+        raise missing_parameter("completion_window")
+    if window in window_aliases:
+        window = "24h"
+    if window not in COMPLETION_WINDOWS:
+        raise invalid_parameter("completion_window", f"Invalid 'completion_window': {str(window)[:64]!r}. Supported: '24h'.")
+    metadata = validate_metadata(body.get("metadata"))
+    output_ttl = validate_output_expires_after(body.get("output_expires_after"))
+
+    record = store.get_file(input_file_id)
+    if record is None or record.scope != scope:
+        raise NotFound(f"No such File object: {input_file_id}", param="input_file_id", code="file_not_found")
+    if record.file.purpose != "batch":
+        raise InvalidRequest(
+            f"File {input_file_id} has purpose '{record.file.purpose}'; a batch needs a file uploaded with purpose 'batch'.",
+            param="input_file_id",
+            code="invalid_file_purpose",
+        )
+
+    now = int(time.time())
+    batch = Batch(
+        id=new_batch_id(),
+        endpoint=endpoint,
+        input_file_id=input_file_id,
+        completion_window=window,
+        status="validating",
+        created_at=now,
+        expires_at=now + settings.completion_window_s,
+        metadata=metadata,
+    )
+    extra = {"total": "0"}
+    if output_ttl is not None:
+        extra["output_ttl"] = str(output_ttl)
+    if provider:
+        extra["provider"] = provider
+    store.put_batch(batch, scope, extra)
+    return batch
+
+
+def get_batch(store: Store, scope: str, batch_id: str) -> Batch:
+    if store.batch_scope(batch_id) != scope:
+        raise NotFound(f"No such Batch object: {batch_id}", param="id", code="batch_not_found")
+    batch = store.get_batch(batch_id)
+    if batch is None:
+        raise NotFound(f"No such Batch object: {batch_id}", param="id", code="batch_not_found")
+    return batch
+
+
+def list_batches(store: Store, scope: str, *, limit: int | None, after: str | None) -> ListPage[Batch]:
+    limit = BATCHES_LIST_DEFAULT if limit is None else limit
+    if not 1 <= limit <= BATCHES_LIST_MAX:
+        raise invalid_parameter("limit", f"Invalid 'limit': must be between 1 and {BATCHES_LIST_MAX}.")
+    page = store.list_batch_ids(scope, limit, after)
+    batches = [b for b in store.get_batches(page.ids) if b is not None]
+    return ListPage[Batch](
+        data=batches,
+        first_id=batches[0].id if batches else None,
+        last_id=batches[-1].id if batches else None,
+        has_more=page.has_more,
+    )
+
+
+def cancel_batch(store: Store, scope: str, batch_id: str) -> Batch:
+    get_batch(store, scope, batch_id)
+    moved, status = store.transition(
+        batch_id, CANCELLABLE, "cancelling", int(time.time()), timestamp_field="cancelling_at"
+    )
+    if not moved and status not in ("cancelling", "cancelled"):
+        raise Conflict(f"Cannot cancel a batch with status '{status}'.")
+    return get_batch(store, scope, batch_id)

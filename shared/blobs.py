@@ -1,0 +1,116 @@
+"""Blob storage for file contents and a batch's part files.
+
+Writes are atomic (a temp file renamed into place), so a reader sees a whole blob or none, and a re-run that
+rewrites a part replaces it whole. Reads stream; ranged reads serve a chunk's byte range.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO, Iterable, Iterator, Protocol
+
+COPY_BUFFER = 1024 * 1024
+
+
+class BlobStore(Protocol):
+    def writer(self, key: str) -> "contextmanager[BinaryIO]": ...
+    def put(self, key: str, data: bytes) -> None: ...
+    def open(self, key: str) -> BinaryIO: ...
+    def read_range(self, key: str, start: int, end: int) -> bytes: ...
+    def iter_bytes(self, key: str, buffer: int = COPY_BUFFER) -> Iterator[bytes]: ...
+    def size(self, key: str) -> int: ...
+    def exists(self, key: str) -> bool: ...
+    def delete(self, key: str) -> None: ...
+    def delete_prefix(self, prefix: str) -> None: ...
+    def concat(self, keys: Iterable[str], dest: str) -> int: ...
+
+
+class BlobNotFound(FileNotFoundError):
+    pass
+
+
+class LocalBlobStore:
+    """Blobs as files below one directory (a local disk, or a volume shared by every host)."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if path != self.root and self.root not in path.parents:
+            raise ValueError(f"blob key escapes the store: {key!r}")
+        return path
+
+    @contextmanager
+    def writer(self, key: str) -> Iterator[BinaryIO]:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(tmp, "wb") as fh:
+                yield fh
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+    def put(self, key: str, data: bytes) -> None:
+        with self.writer(key) as fh:
+            fh.write(data)
+
+    def open(self, key: str) -> BinaryIO:
+        try:
+            return open(self._path(key), "rb")
+        except FileNotFoundError as exc:
+            raise BlobNotFound(key) from exc
+
+    def read_range(self, key: str, start: int, end: int) -> bytes:
+        with self.open(key) as fh:
+            fh.seek(start)
+            return fh.read(end - start)
+
+    def iter_bytes(self, key: str, buffer: int = COPY_BUFFER) -> Iterator[bytes]:
+        with self.open(key) as fh:
+            while block := fh.read(buffer):
+                yield block
+
+    def size(self, key: str) -> int:
+        try:
+            return self._path(key).stat().st_size
+        except FileNotFoundError as exc:
+            raise BlobNotFound(key) from exc
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).exists()
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def delete_prefix(self, prefix: str) -> None:
+        path = self._path(prefix)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+    def concat(self, keys: Iterable[str], dest: str) -> int:
+        """Join blobs in order into `dest`, streaming; returns the bytes written."""
+        written = 0
+        with self.writer(dest) as out:
+            for key in keys:
+                with self.open(key) as fh:
+                    while block := fh.read(COPY_BUFFER):
+                        out.write(block)
+                        written += len(block)
+        return written
+
+
+def make_blob_store(data_dir: Path | str) -> LocalBlobStore:
+    return LocalBlobStore(Path(data_dir) / "blobs")

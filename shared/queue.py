@@ -1,0 +1,48 @@
+"""Sending Celery tasks by name, so the API can enqueue work without importing the workers."""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+
+from celery import Celery
+
+from shared.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+ORCHESTRATE = "batchgate.orchestrate"
+RUN_CHUNK = "batchgate.run_chunk"
+FINALIZE = "batchgate.finalize"
+SWEEP = "batchgate.sweep"
+
+CONTROL_QUEUE = "control"
+CHUNKS_QUEUE = "chunks"
+
+_PUBLISH_RETRY = {"max_retries": 3, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
+
+
+def transport_options(settings: Settings) -> dict:
+    return {"visibility_timeout": settings.visibility_timeout_s}
+
+
+@lru_cache
+def producer_app() -> Celery:
+    settings = get_settings()
+    app = Celery("batchgate-producer", broker=settings.celery_broker_url, backend=settings.celery_result_backend)
+    app.conf.broker_transport_options = transport_options(settings)
+    app.conf.result_backend_transport_options = transport_options(settings)
+    app.conf.broker_connection_retry_on_startup = True
+    return app
+
+
+def enqueue_orchestrate(batch_id: str) -> bool:
+    """Publish the batch's orchestrate task. A lost publish is not fatal: the sweeper re-drives `validating` batches."""
+    try:
+        producer_app().send_task(
+            ORCHESTRATE, args=[batch_id], queue=CONTROL_QUEUE, retry=True, retry_policy=_PUBLISH_RETRY
+        )
+        return True
+    except Exception:  # noqa: BLE001 - any broker failure leaves the batch for the sweeper
+        log.exception("could not enqueue orchestrate for %s; the sweeper will re-drive it", batch_id)
+        return False

@@ -1,0 +1,173 @@
+"""Wire types of the Files and Batches API, field for field as the OpenAI SDK's types."""
+
+from __future__ import annotations
+
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+FilePurpose = Literal[
+    "assistants", "assistants_output", "batch", "batch_output", "fine-tune", "fine-tune-results", "vision", "user_data",
+    "evals",
+]
+UPLOAD_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
+
+BatchStatus = Literal[
+    "validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling", "cancelled"
+]
+TERMINAL_STATUSES = frozenset({"failed", "completed", "expired", "cancelled"})
+ACTIVE_STATUSES = frozenset({"validating", "in_progress", "finalizing", "cancelling"})
+
+SUPPORTED_ENDPOINTS = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/moderations",
+    "/v1/images/generations",
+)
+
+T = TypeVar("T")
+
+
+class WireModel(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class FileObject(WireModel):
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    expires_at: int | None = None
+    filename: str
+    purpose: FilePurpose
+    status: Literal["uploaded", "processed", "error"] = "processed"
+    status_details: str | None = None
+
+
+class FileDeleted(WireModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool = True
+
+
+class ExpiresAfter(WireModel):
+    anchor: Literal["created_at"]
+    seconds: int = Field(ge=3600, le=2592000)
+
+
+class BatchRequestCounts(WireModel):
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+
+
+class InputTokensDetails(WireModel):
+    cached_tokens: int = 0
+
+
+class OutputTokensDetails(WireModel):
+    reasoning_tokens: int = 0
+
+
+class BatchUsage(WireModel):
+    input_tokens: int = 0
+    input_tokens_details: InputTokensDetails = Field(default_factory=InputTokensDetails)
+    output_tokens: int = 0
+    output_tokens_details: OutputTokensDetails = Field(default_factory=OutputTokensDetails)
+    total_tokens: int = 0
+
+
+class BatchError(WireModel):
+    code: str | None = None
+    message: str | None = None
+    param: str | None = None
+    line: int | None = None
+
+
+class BatchErrors(WireModel):
+    object: Literal["list"] = "list"
+    data: list[BatchError] = Field(default_factory=list)
+
+
+class Batch(WireModel):
+    id: str
+    object: Literal["batch"] = "batch"
+    endpoint: str
+    model: str | None = None
+    errors: BatchErrors | None = None
+    input_file_id: str
+    completion_window: str = "24h"
+    status: BatchStatus
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    created_at: int
+    in_progress_at: int | None = None
+    expires_at: int | None = None
+    finalizing_at: int | None = None
+    completed_at: int | None = None
+    failed_at: int | None = None
+    expired_at: int | None = None
+    cancelling_at: int | None = None
+    cancelled_at: int | None = None
+    request_counts: BatchRequestCounts = Field(default_factory=BatchRequestCounts)
+    usage: BatchUsage | None = None
+    metadata: dict[str, str] | None = None
+
+
+class ListPage(WireModel, Generic[T]):
+    object: Literal["list"] = "list"
+    data: list[T]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool = False
+
+
+class BatchCreateRequest(WireModel):
+    """The body of `POST /v1/batches`; checked by hand in the service so each problem gets OpenAI's wording."""
+
+    input_file_id: Any = None
+    endpoint: Any = None
+    completion_window: Any = None
+    metadata: Any = None
+    output_expires_after: Any = None
+
+
+class ErrorDetail(WireModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(WireModel):
+    error: ErrorDetail
+
+
+# Input and output lines of batch files.
+
+
+class BatchInputLine(WireModel):
+    custom_id: str
+    method: Literal["POST"]
+    url: str
+    body: dict[str, Any]
+
+
+class BatchResponse(WireModel):
+    status_code: int
+    request_id: str
+    body: Any
+
+
+class BatchLineError(WireModel):
+    code: str
+    message: str
+
+
+class BatchOutputLine(WireModel):
+    id: str
+    custom_id: str
+    response: BatchResponse | None = None
+    error: BatchLineError | None = None

@@ -1,0 +1,71 @@
+"""Runtime settings, read from environment variables prefixed ``BATCHGATE_``."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEV_API_KEY = "sk-batchgate-dev"
+DEV_TENANT = "dev"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BATCHGATE_", extra="ignore")
+
+    # Where state lives.
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    broker_url: str | None = Field(default=None, description="Celery broker; defaults to redis_url")
+    result_backend_url: str | None = Field(default=None, description="Celery results; defaults to redis_url")
+    data_dir: Path = Path("./data")
+
+    # Who may call.
+    dev_mode: bool = False
+    api_keys: str = Field(default="", description="comma-separated key=tenant pairs; a key may be 'sha256:<hex>'")
+
+    # Files.
+    max_upload_bytes: int = 512 * 1024 * 1024
+    batch_file_default_ttl_s: int = 30 * 86400
+
+    # Batches.
+    completion_window_s: int = 86400
+    max_batch_lines: int = 50_000
+    max_batch_input_bytes: int = 200 * 1024 * 1024
+    output_default_ttl_s: int = 30 * 86400
+
+    # Execution.
+    providers_file: Path | None = None
+    upstream_base_url: str = "http://127.0.0.1:8001/v1"
+    upstream_api_key: str = ""
+    upstream_max_concurrency: int = 64
+    upstream_timeout_s: float = 120.0
+    upstream_max_retries: int = 5
+    retry_base_s: float = 0.5
+    retry_max_s: float = 30.0
+    chunk_min_requests: int = 50
+    chunk_max_requests: int = 500
+    chunk_target_count: int = 16
+    chunk_max_attempts: int = 3
+    chunk_lease_s: float = 30.0
+    progress_interval_s: float = 0.5
+
+    # Celery reliability.
+    visibility_timeout_s: int = 1800
+    chunk_time_limit_s: int = 600
+    sweep_interval_s: float = 30.0
+    redrive_after_s: float = 60.0
+
+    @property
+    def celery_broker_url(self) -> str:
+        return self.broker_url or self.redis_url
+
+    @property
+    def celery_result_backend(self) -> str:
+        return self.result_backend_url or self.redis_url
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
