@@ -27,6 +27,7 @@ class BlobStore(Protocol):
     def delete(self, key: str) -> None: ...
     def delete_prefix(self, prefix: str) -> None: ...
     def concat(self, keys: Iterable[str], dest: str) -> int: ...
+    def link(self, src: str, dest: str) -> None: ...
 
 
 class BlobNotFound(FileNotFoundError):
@@ -99,6 +100,19 @@ class LocalBlobStore:
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
+
+    def link(self, src: str, dest: str) -> None:
+        """Make `dest` a second name for `src`'s bytes (a hard link, else a copy), so deleting `src` spares it."""
+        source, target = self._path(src), self._path(dest)
+        if not source.exists():
+            raise BlobNotFound(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
 
     def concat(self, keys: Iterable[str], dest: str) -> int:
         """Join blobs in order into `dest`, streaming; returns the bytes written."""

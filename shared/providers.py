@@ -1,0 +1,102 @@
+"""Upstream providers: OpenAI-compatible base URLs with their credentials and limits.
+
+Configured in a TOML file named by BATCHGATE_PROVIDERS_FILE:
+
+    default = "openai"
+
+    [providers.openai]
+    base_url = "https://api.openai.example/v1"
+    api_key_env = "OPENAI_API_KEY"       # or api_key = "sk-..."
+    models = ["gpt-*", "o*"]             # fnmatch patterns; a batch's model picks its provider
+    max_concurrency = 64                 # in-flight requests per worker process
+    timeout_s = 120
+    max_retries = 5
+
+Without a file there is one provider, "default", from BATCHGATE_UPSTREAM_* settings.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import tomllib
+from functools import lru_cache
+
+from pydantic import BaseModel, Field, SecretStr, model_validator
+
+from shared.settings import Settings, get_settings
+
+
+class Provider(BaseModel):
+    name: str
+    base_url: str
+    api_key: SecretStr = SecretStr("")
+    api_key_env: str | None = None
+    models: list[str] = Field(default_factory=list)
+    max_concurrency: int = Field(default=64, ge=1, le=4096)
+    timeout_s: float = Field(default=120.0, gt=0)
+    max_retries: int = Field(default=5, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _normalise(self) -> "Provider":
+        self.base_url = self.base_url.rstrip("/")
+        return self
+
+    def secret(self) -> str:
+        if self.api_key_env:
+            return os.environ.get(self.api_key_env, "")
+        return self.api_key.get_secret_value()
+
+    def url_for(self, endpoint: str) -> str:
+        """The upstream URL of a batch endpoint such as '/v1/chat/completions'."""
+        path = endpoint.removeprefix("/v1")
+        return f"{self.base_url}{path}"
+
+    def serves(self, model: str) -> bool:
+        return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
+
+
+class ProviderRegistry:
+    def __init__(self, providers: list[Provider], default: str) -> None:
+        self.providers = {p.name: p for p in providers}
+        if default not in self.providers:
+            raise ValueError(f"default provider {default!r} is not configured")
+        self.default = default
+
+    def get(self, name: str) -> Provider | None:
+        return self.providers.get(name)
+
+    def for_model(self, model: str | None) -> Provider:
+        if model:
+            for provider in self.providers.values():
+                if provider.serves(model):
+                    return provider
+        return self.providers[self.default]
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "ProviderRegistry":
+        if settings.providers_file is None:
+            return cls(
+                [
+                    Provider(
+                        name="default",
+                        base_url=settings.upstream_base_url,
+                        api_key=SecretStr(settings.upstream_api_key),
+                        max_concurrency=settings.upstream_max_concurrency,
+                        timeout_s=settings.upstream_timeout_s,
+                        max_retries=settings.upstream_max_retries,
+                    )
+                ],
+                "default",
+            )
+        with open(settings.providers_file, "rb") as fh:
+            data = tomllib.load(fh)
+        providers = [Provider(name=name, **spec) for name, spec in data.get("providers", {}).items()]
+        if not providers:
+            raise ValueError(f"{settings.providers_file} defines no [providers.*] table")
+        return cls(providers, data.get("default", providers[0].name))
+
+
+@lru_cache
+def get_registry() -> ProviderRegistry:
+    return ProviderRegistry.from_settings(get_settings())

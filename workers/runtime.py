@@ -1,0 +1,66 @@
+"""Per-process resources of a worker: one event loop, one aiohttp session per provider, one Redis store.
+
+They are created lazily in the process that uses them (after the prefork fork), and kept for every chunk that
+process runs, so connections to the upstream are reused across chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import aiohttp
+
+from shared.blobs import LocalBlobStore, make_blob_store
+from shared.providers import Provider, ProviderRegistry, get_registry
+from shared.settings import Settings, get_settings
+from shared.store import Store
+
+
+class Runtime:
+    def __init__(self, settings: Settings) -> None:
+        self.pid = os.getpid()
+        self.settings = settings
+        self.store = Store.from_url(settings.redis_url)
+        self.blobs: LocalBlobStore = make_blob_store(settings.data_dir)
+        self.providers: ProviderRegistry = get_registry()
+        self.runner = asyncio.Runner()
+        self._sessions: dict[str, aiohttp.ClientSession] = {}
+
+    def session(self, provider: Provider) -> aiohttp.ClientSession:
+        session = self._sessions.get(provider.name)
+        if session is None or session.closed:
+            connector = aiohttp.TCPConnector(limit=provider.max_concurrency, ttl_dns_cache=300)
+            session = aiohttp.ClientSession(connector=connector, json_serialize=None, raise_for_status=False)
+            self._sessions[provider.name] = session
+        return session
+
+    def run(self, coro):
+        return self.runner.run(coro)
+
+    def close(self) -> None:
+        async def _close_all() -> None:
+            for session in self._sessions.values():
+                await session.close()
+
+        try:
+            self.runner.run(_close_all())
+        finally:
+            self.runner.close()
+
+
+_runtime: Runtime | None = None
+
+
+def get_runtime() -> Runtime:
+    global _runtime
+    if _runtime is None or _runtime.pid != os.getpid():
+        _runtime = Runtime(get_settings())
+    return _runtime
+
+
+def close_runtime() -> None:
+    global _runtime
+    if _runtime is not None and _runtime.pid == os.getpid():
+        _runtime.close()
+    _runtime = None

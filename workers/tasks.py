@@ -1,0 +1,69 @@
+"""Celery tasks: thin wrappers that dispatch and re-dispatch; the work lives in plain functions."""
+
+from __future__ import annotations
+
+import logging
+
+from celery import chord, group
+
+from shared.queue import CHUNKS_QUEUE, CONTROL_QUEUE, FINALIZE, ORCHESTRATE, RUN_CHUNK, SWEEP
+from workers import chunk, finalize, orchestrate, sweeper
+from workers.celery_app import app
+from workers.runtime import get_runtime
+
+log = logging.getLogger("batchgate.tasks")
+
+FINALIZE_LOCK_S = 120
+
+
+def send_chunk(batch_id: str, index: int) -> None:
+    run_chunk_task.apply_async(args=[batch_id, index], queue=CHUNKS_QUEUE)
+
+
+def send_finalize(batch_id: str) -> None:
+    finalize_task.apply_async(args=[batch_id], queue=CONTROL_QUEUE)
+
+
+def send_orchestrate(batch_id: str) -> None:
+    orchestrate_task.apply_async(args=[batch_id], queue=CONTROL_QUEUE)
+
+
+@app.task(name=ORCHESTRATE, ignore_result=True)
+def orchestrate_task(batch_id: str) -> None:
+    indexes = orchestrate.orchestrate(get_runtime(), batch_id)
+    if not indexes:
+        return
+    # The chord is the fast path to finalize; the last chunk to commit and the sweeper are the others.
+    header = group(run_chunk_task.si(batch_id, i).set(queue=CHUNKS_QUEUE) for i in indexes)
+    chord(header)(finalize_task.si(batch_id).set(queue=CONTROL_QUEUE))
+
+
+@app.task(name=RUN_CHUNK, bind=True, max_retries=None)
+def run_chunk_task(self, batch_id: str, index: int) -> int:
+    try:
+        finished_batch = chunk.run_chunk(get_runtime(), batch_id, index)
+    except chunk.LeaseHeld as held:
+        raise self.retry(countdown=held.retry_in, max_retries=None) from None
+    except Exception:  # noqa: BLE001 - a chunk never fails its chord; the sweeper re-drives uncommitted chunks
+        log.exception("chunk %d of %s failed; the sweeper will run it again", index, batch_id)
+        return index
+    if finished_batch:
+        send_finalize(batch_id)
+    return index
+
+
+@app.task(name=FINALIZE, ignore_result=True)
+def finalize_task(batch_id: str) -> None:
+    rt = get_runtime()
+    lock = f"bg:batch:{batch_id}:finalize-lock"
+    if not rt.store.r.set(lock, "1", nx=True, ex=FINALIZE_LOCK_S):
+        return
+    try:
+        finalize.finalize(rt, batch_id)
+    finally:
+        rt.store.r.delete(lock)
+
+
+@app.task(name=SWEEP, ignore_result=True)
+def sweep_task() -> None:
+    sweeper.sweep(get_runtime(), sweeper.Dispatch(send_orchestrate, send_chunk, send_finalize))
