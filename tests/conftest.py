@@ -35,7 +35,9 @@ def redis_client(redis_server):
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory):
     """One running deployment shared by the end-to-end tests that do not break it."""
-    running = Stack(tmp_path_factory.mktemp("stack")).start(workers=1, concurrency=2)
+    running = Stack(
+        tmp_path_factory.mktemp("stack"), max_batch_lines=5000, max_batch_input_bytes=8_000_000
+    ).start(workers=1, concurrency=2)
     yield running
     running.stop()
 

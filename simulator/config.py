@@ -1,0 +1,30 @@
+"""Settings of the simulator: latency and the faults it injects."""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import BaseModel, Field
+
+ENV_PREFIX = "BATCHGATE_SIM_"
+
+
+class SimulatorConfig(BaseModel):
+    latency_ms: float = Field(default=0.0, ge=0)
+    jitter_ms: float = Field(default=0.0, ge=0)
+    error_rate: float = Field(default=0.0, ge=0, le=1)
+    rate_429: float = Field(default=0.0, ge=0, le=1)
+    retry_after_s: float = Field(default=1.0, ge=0)
+    max_rpm: int = Field(default=0, ge=0)
+    api_key: str = ""
+    seed: int | None = None
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> "SimulatorConfig":
+        values: dict[str, object] = {}
+        for name in cls.model_fields:
+            raw = os.environ.get(ENV_PREFIX + name.upper())
+            if raw is not None and raw != "":
+                values[name] = raw
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.model_validate(values)

@@ -1,0 +1,44 @@
+"""Input validation and chunk planning on in-memory files."""
+
+from __future__ import annotations
+
+import io
+
+import orjson
+
+from workers.validation import chunk_size_for, iter_chunk_lines, plan_chunks, scan_input
+
+EP = "/v1/chat/completions"
+
+
+def line(custom_id="a", model="m", **over) -> bytes:
+    obj = {"custom_id": custom_id, "method": "POST", "url": EP, "body": {"model": model}}
+    obj.update(over)
+    return orjson.dumps(obj) + b"\n"
+
+
+def test_bom_crlf_and_blank_lines_are_tolerated_and_line_numbers_are_physical():
+    data = b"\xef\xbb\xbf" + line("a").replace(b"\n", b"\r\n") + b"\n   \n" + line("b")
+    scan = scan_input(io.BytesIO(data), EP, max_lines=10)
+    assert scan.errors == []
+    assert scan.total == 2 and list(scan.line_numbers) == [1, 4]
+    chunks = plan_chunks(scan, 1)
+    got = [list(iter_chunk_lines(data[c.start:c.end], c.first_line)) for c in chunks]
+    assert [[(n, o["custom_id"]) for n, o in g] for g in got] == [[(1, "a")], [(4, "b")]]
+
+
+def test_chunks_cover_every_request_once():
+    data = b"".join(line(str(i)) for i in range(103))
+    scan = scan_input(io.BytesIO(data), EP, max_lines=1000)
+    size = chunk_size_for(scan.total, target_chunks=4, minimum=10, maximum=500)
+    chunks = plan_chunks(scan, size)
+    ids = [o["custom_id"] for c in chunks for _, o in iter_chunk_lines(data[c.start:c.end], c.first_line)]
+    assert ids == [str(i) for i in range(103)]
+    assert sum(c.n_lines for c in chunks) == 103 and len(chunks) == 4
+
+
+def test_first_hundred_errors_are_reported_with_lines():
+    data = b"".join(b"not json\n" for _ in range(150))
+    scan = scan_input(io.BytesIO(data), EP, max_lines=1000)
+    assert len(scan.errors) == 100
+    assert scan.errors[0].code == "invalid_json_line" and scan.errors[99].line == 100
