@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 from api.auth import authenticate
 from shared.blobs import LocalBlobStore
 from shared.errors import InvalidRequest
+from shared.providers import ProviderRegistry
 from shared.scope import Principal
 from shared.settings import Settings
 from shared.store import Store
@@ -28,6 +29,10 @@ def get_blobs(request: Request) -> LocalBlobStore:
     return request.app.state.blobs
 
 
+def get_providers(request: Request) -> ProviderRegistry:
+    return request.app.state.providers
+
+
 def get_principal(request: Request) -> Principal:
     tenant = authenticate(request.app.state.keyring, request.headers)
     end_user = request.headers.get("x-on-behalf-of")
@@ -44,4 +49,5 @@ def get_principal(request: Request) -> Principal:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[Store, Depends(get_store)]
 BlobsDep = Annotated[LocalBlobStore, Depends(get_blobs)]
+ProvidersDep = Annotated[ProviderRegistry, Depends(get_providers)]
 PrincipalDep = Annotated[Principal, Depends(get_principal)]

@@ -12,6 +12,7 @@ from api.auth import KeyRing
 from api.request_id import RequestIdMiddleware
 from api.routes import batches, files, health
 from shared.blobs import make_blob_store
+from shared.providers import ProviderRegistry
 from shared.settings import DEV_API_KEY, Settings, get_settings
 from shared.store import Store
 
@@ -31,13 +32,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.store = Store.from_url(settings.redis_url)
     app.state.blobs = make_blob_store(settings.data_dir)
     app.state.keyring = KeyRing.from_settings(settings)
+    app.state.providers = ProviderRegistry.from_settings(settings)
     if settings.dev_mode and not settings.api_keys:
         log.warning("development mode: accepting the API key %s", DEV_API_KEY)
 
     errors.install(app)
     app.include_router(health.router)
-    app.include_router(files.router, prefix="/v1")
-    app.include_router(batches.router, prefix="/v1")
+    # One implementation, mounted once per dialect: OpenAI, Portkey, AlphaEdge, mka1.
+    for prefix in ("/v1", "", "/api/v1/llm"):
+        app.include_router(files.router, prefix=prefix)
+    app.include_router(batches.batches_router(with_output=True), prefix="/v1")
+    app.include_router(batches.batches_router(with_output=True), prefix="")
+    app.include_router(batches.batches_router("batch", default_window="24h"), prefix="/v1")
+    app.include_router(batches.batches_router(), prefix="/api/v1/llm")
     app.add_middleware(RequestBodyLimitMiddleware, max_body_size=settings.max_upload_bytes + MULTIPART_OVERHEAD)
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -5,10 +5,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from shared.errors import Conflict, InvalidRequest, NotFound, invalid_parameter, missing_parameter
+from shared.errors import Conflict, InvalidRequest, NotFound, PermissionDenied, invalid_parameter, missing_parameter
 from shared.file_service import get_file_record
 from shared.ids import new_batch_id
+from shared.providers import ProviderRegistry
 from shared.schemas import SUPPORTED_ENDPOINTS, Batch, ListPage
+from shared.scope import Principal
 from shared.settings import Settings
 from shared.store import Store
 
@@ -60,16 +62,29 @@ def validate_output_expires_after(value: Any) -> int | None:
     return seconds
 
 
+def check_provider(registry: ProviderRegistry, tenant: str, name: str | None) -> str | None:
+    """The provider a request names in a header, if it may use it."""
+    if name is None:
+        return None
+    if registry.get(name) is None:
+        raise InvalidRequest(f"Unknown provider '{name[:64]}'.", param="provider", code="unknown_provider")
+    if not registry.allowed(tenant, name):
+        raise PermissionDenied(f"This API key may not use the provider '{name}'.", param="provider",
+                               code="provider_not_allowed")
+    return name
+
+
 def create_batch(
     store: Store,
     settings: Settings,
-    scope: str,
+    principal: Principal,
     body: Any,
     *,
     default_window: str | None = None,
     window_aliases: tuple[str, ...] = (),
     provider: str | None = None,
 ) -> Batch:
+    scope = principal.scope
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
     input_file_id = body.get("input_file_id")
@@ -118,7 +133,7 @@ def create_batch(
         expires_at=now + settings.completion_window_s,
         metadata=metadata,
     )
-    extra = {"total": "0"}
+    extra = {"total": "0", "tenant": principal.tenant}
     if output_ttl is not None:
         extra["output_ttl"] = str(output_ttl)
     if provider:

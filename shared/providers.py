@@ -12,6 +12,9 @@ Configured in a TOML file named by BATCHGATE_PROVIDERS_FILE:
     timeout_s = 120
     max_retries = 5
 
+    [tenants.team-a]
+    providers = ["openai"]               # a tenant listed here may use only these; others may use any
+
 Without a file there is one provider, "default", from BATCHGATE_UPSTREAM_* settings.
 """
 
@@ -57,11 +60,29 @@ class Provider(BaseModel):
 
 
 class ProviderRegistry:
-    def __init__(self, providers: list[Provider], default: str) -> None:
+    def __init__(self, providers: list[Provider], default: str, tenants: dict[str, list[str]] | None = None) -> None:
         self.providers = {p.name: p for p in providers}
         if default not in self.providers:
             raise ValueError(f"default provider {default!r} is not configured")
         self.default = default
+        self.tenants = tenants or {}
+        for tenant, names in self.tenants.items():
+            unknown = set(names) - set(self.providers)
+            if unknown:
+                raise ValueError(f"tenant {tenant!r} is allowed unknown providers: {sorted(unknown)}")
+
+    def allowed(self, tenant: str, name: str) -> bool:
+        names = self.tenants.get(tenant)
+        return names is None or name in names
+
+    def for_tenant_model(self, tenant: str, model: str | None) -> Provider | None:
+        """The provider a tenant's batch of `model` goes to: by model pattern, else the default, if allowed."""
+        candidates = [p for p in self.providers.values() if model and p.serves(model)]
+        candidates.append(self.providers[self.default])
+        for provider in candidates:
+            if self.allowed(tenant, provider.name):
+                return provider
+        return None
 
     def get(self, name: str) -> Provider | None:
         return self.providers.get(name)
@@ -94,7 +115,8 @@ class ProviderRegistry:
         providers = [Provider(name=name, **spec) for name, spec in data.get("providers", {}).items()]
         if not providers:
             raise ValueError(f"{settings.providers_file} defines no [providers.*] table")
-        return cls(providers, data.get("default", providers[0].name))
+        tenants = {name: list(spec.get("providers", [])) for name, spec in data.get("tenants", {}).items()}
+        return cls(providers, data.get("default", providers[0].name), tenants)
 
 
 @lru_cache

@@ -78,7 +78,14 @@ def orchestrate(rt: Runtime, batch_id: str) -> list[int]:
         maximum=settings.chunk_max_requests,
     )
     chunks = plan_chunks(scan, size_per_chunk)
-    provider = fields.get("provider") or rt.providers.for_model(scan.model).name
+    provider = fields.get("provider")
+    if not provider:
+        chosen = rt.providers.for_tenant_model(fields.get("tenant", ""), scan.model)
+        if chosen is None:
+            _fail(rt, batch_id, [LineError("provider_not_allowed",
+                                           f"No provider this API key may use serves the model '{scan.model}'.")])
+            return []
+        provider = chosen.name
     now = int(time.time())
     store.save_plan(
         batch_id,

@@ -11,7 +11,7 @@ from api.deps import BlobsDep, PrincipalDep, SettingsDep, StoreDep
 from shared import file_service
 from shared.schemas import FileDeleted, FileObject, ListPage
 
-router = APIRouter(tags=["files"])
+router = APIRouter(tags=["files"])  # mounted once per dialect prefix
 
 MAX_FORM_FIELDS = 32
 
