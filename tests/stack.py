@@ -1,47 +1,32 @@
-"""A whole batchgate deployment in real processes, for end-to-end and fault tests.
-
-redis-server, the simulator, uvicorn and `celery worker` run as subprocesses with the same commands
-`batchgate dev` uses; each stack has its own ports and data directory, and can kill and restart any part.
-"""
+"""Test deployments and helpers: a Stack is a Deployment with two tenants and short timings."""
 
 from __future__ import annotations
 
 import io
 import json
-import signal
-import subprocess
 import time
 from pathlib import Path
 
-import httpx
 import openai
 import orjson
-import psutil
 
-from cli import stack as procs
-from shared.store import Store
+from cli.deployment import Deployment
 
+UPSTREAM_SECRET = "sk-upstream-secret-0123456789"
 API_KEY = "sk-test-tenant-a"
 OTHER_API_KEY = "sk-test-tenant-b"
 TERMINAL = {"completed", "failed", "expired", "cancelled"}
 
 
-class Stack:
-    def __init__(self, root: Path, *, sim_latency_ms: float = 0.0, appendonly: bool = False, **settings: object) -> None:
-        self.root = root
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.redis_port = procs.free_port()
-        self.sim_port = procs.free_port()
-        self.api_port = procs.free_port()
-        self.appendonly = appendonly
-        self.sim_latency_ms = sim_latency_ms
-        self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
+class Stack(Deployment):
+    """A deployment with two tenants, an upstream that checks its key, and timings short enough for tests."""
+
+    def __init__(self, root: Path, **kwargs: object) -> None:
         env = {
-            "BATCHGATE_REDIS_URL": self.redis_url,
-            "BATCHGATE_DATA_DIR": str(root / "data"),
+            "BATCHGATE_DEV_MODE": "0",
             "BATCHGATE_API_KEYS": f"{API_KEY}=tenant-a,{OTHER_API_KEY}=tenant-b",
-            "BATCHGATE_UPSTREAM_BASE_URL": f"http://127.0.0.1:{self.sim_port}/v1",
-            "BATCHGATE_UPSTREAM_API_KEY": "sk-upstream-secret-0123456789",
+            "BATCHGATE_UPSTREAM_API_KEY": UPSTREAM_SECRET,
+            "BATCHGATE_SIM_API_KEY": UPSTREAM_SECRET,
             "BATCHGATE_SWEEP_INTERVAL_S": "1",
             "BATCHGATE_REDRIVE_AFTER_S": "3",
             "BATCHGATE_CHUNK_LEASE_S": "4",
@@ -50,93 +35,8 @@ class Stack:
             "BATCHGATE_RETRY_BASE_S": "0.05",
             "BATCHGATE_RETRY_MAX_S": "1",
             "BATCHGATE_PROGRESS_INTERVAL_S": "0.2",
-            "BATCHGATE_SIM_API_KEY": "sk-upstream-secret-0123456789",
         }
-        env.update({f"BATCHGATE_{k.upper()}": str(v) for k, v in settings.items()})
-        self.group = procs.ProcessGroup(log_dir=root / "logs")
-        self.group.env.update(env)
-        self._store: Store | None = None
-
-    # ---- parts ------------------------------------------------------------------------------------------------
-
-    def start_redis(self) -> None:
-        (self.root / "redis").mkdir(exist_ok=True)
-        self.group.start("redis", procs.redis_command(self.redis_port, self.root / "redis", appendonly=self.appendonly))
-        procs.wait_for_redis(self.redis_url)
-
-    def start_simulator(self) -> None:
-        self.group.start("simulator", procs.simulator_command(self.sim_port, self.sim_latency_ms))
-        procs.wait_for_http(f"http://127.0.0.1:{self.sim_port}/health")
-
-    def start_api(self) -> None:
-        self.group.start("api", procs.api_command(self.api_port))
-        procs.wait_for_http(f"http://127.0.0.1:{self.api_port}/healthz")
-
-    def start_worker(self, name: str = "w1", concurrency: int = 2) -> subprocess.Popen:
-        proc = self.group.start(name, procs.worker_command(concurrency, name=name))
-        deadline = time.monotonic() + 30
-        while len(self.worker_children(name)) < concurrency:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"worker {name} did not start; see {self.root / 'logs'}")
-            time.sleep(0.1)
-        return proc
-
-    def start_beat(self) -> None:
-        self.group.start("beat", procs.beat_command(self.root / "celerybeat-schedule"))
-
-    def start(self, *, workers: int = 1, concurrency: int = 2, beat: bool = True) -> "Stack":
-        self.start_redis()
-        self.start_simulator()
-        self.start_api()
-        for i in range(workers):
-            self.start_worker(f"w{i + 1}", concurrency)
-        if beat:
-            self.start_beat()
-        return self
-
-    def stop(self) -> None:
-        self.group.stop_all()
-
-    def worker_children(self, name: str) -> list[psutil.Process]:
-        proc = self.group.procs.get(name)
-        if proc is None:
-            return []
-        try:
-            return psutil.Process(proc.pid).children()
-        except psutil.NoSuchProcess:
-            return []
-
-    def kill(self, name: str) -> None:
-        self.group.kill(name)
-
-    def sim_config(self, **changes: object) -> dict:
-        resp = httpx.post(f"http://127.0.0.1:{self.sim_port}/_sim/config", json=changes, timeout=5)
-        resp.raise_for_status()
-        return resp.json()
-
-    def sim_stats(self) -> dict:
-        return httpx.get(f"http://127.0.0.1:{self.sim_port}/_sim/stats", timeout=5).json()
-
-    # ---- clients ----------------------------------------------------------------------------------------------
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.api_port}/v1"
-
-    def client(self, api_key: str = API_KEY, **kwargs: object) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.base_url, api_key=api_key, **kwargs)
-
-    @property
-    def store(self) -> Store:
-        if self._store is None:
-            self._store = Store.from_url(self.redis_url)
-        return self._store
-
-    def logs(self) -> str:
-        out = []
-        for path in sorted((self.root / "logs").glob("*.log")):
-            out.append(f"==> {path.name}\n{path.read_text(errors='replace')[-4000:]}")
-        return "\n".join(out)
+        super().__init__(root, api_key=API_KEY, env=env, **kwargs)
 
 
 # ---- batch helpers ------------------------------------------------------------------------------------------------
