@@ -118,36 +118,35 @@ async def _heartbeat(store: Store, batch_id: str, spec: ChunkSpec, token: str, l
 
 async def send_requests(rt: Runtime, provider: Provider, batch_id: str, endpoint: str, spec: ChunkSpec,
                         requests: list[tuple[int, dict]], token: str) -> ChunkLines:
+    """Send a chunk's requests through `max_concurrency` senders pulling from one queue of positions."""
     settings = rt.settings
     lines = ChunkLines.empty(len(requests))
     state = RunState(stop=rt.store.stop_reason(batch_id))
     caller = UpstreamCaller(rt.session(provider), provider, base_s=settings.retry_base_s, max_s=settings.retry_max_s)
     url = provider.url_for(endpoint)
-    semaphore = asyncio.Semaphore(provider.max_concurrency)
+    positions = iter(range(len(requests)))
 
-    def stop_line(pos: int) -> None:
-        line_no, obj = requests[pos]
-        code, message = STOP_ERRORS[state.stop]  # type: ignore[index]
-        lines.put(pos, error_line(batch_id, line_no, obj["custom_id"], code, message), False)
+    def stopped() -> bool:
+        return state.stop is not None
 
-    async def one(pos: int) -> None:
-        line_no, obj = requests[pos]
-        if state.stop:
-            return stop_line(pos)
-        async with semaphore:
+    async def sender() -> None:
+        for pos in positions:
+            line_no, obj = requests[pos]
             if state.stop:
-                return stop_line(pos)
-            outcome = await caller.call(url, orjson.dumps(obj["body"]), should_stop=lambda: state.stop is not None)
-        if outcome.ok:
-            lines.usage.add(outcome.body)
-        lines.put(pos, outcome_line(batch_id, line_no, obj["custom_id"], outcome), outcome.ok)
+                code, message = STOP_ERRORS[state.stop]
+                lines.put(pos, error_line(batch_id, line_no, obj["custom_id"], code, message), False)
+                continue
+            outcome = await caller.call(url, orjson.dumps(obj["body"]), should_stop=stopped)
+            if outcome.ok:
+                lines.usage.add(outcome.body)
+            lines.put(pos, outcome_line(batch_id, line_no, obj["custom_id"], outcome), outcome.ok)
 
     heartbeat = asyncio.create_task(
         _heartbeat(rt.store, batch_id, spec, token, lines, state, settings.progress_interval_s, settings.chunk_lease_s)
     )
-    tasks = [asyncio.create_task(one(pos)) for pos in range(len(requests))]
+    senders = [asyncio.create_task(sender()) for _ in range(min(provider.max_concurrency, len(requests)))]
     try:
-        _, pending = await asyncio.wait(tasks, timeout=settings.chunk_time_limit_s * 0.9)
+        _, pending = await asyncio.wait(senders, timeout=settings.chunk_time_limit_s * 0.9)
         for task in pending:
             task.cancel()
         if pending:

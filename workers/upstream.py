@@ -63,13 +63,18 @@ def _decode(raw: bytes) -> Any:
         return raw.decode("utf-8", errors="replace")
 
 
-async def send_once(session: aiohttp.ClientSession, provider: Provider, url: str, body: bytes) -> Outcome:
+def upstream_headers(provider: Provider) -> dict[str, str]:
     headers = {"content-type": "application/json"}
     secret = provider.secret()
     if secret:
         headers["authorization"] = f"Bearer {secret}"
+    return headers
+
+
+async def send_once(session: aiohttp.ClientSession, provider: Provider, url: str, body: bytes,
+                    headers: dict[str, str], timeout: aiohttp.ClientTimeout) -> Outcome:
     try:
-        async with session.post(url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=provider.timeout_s)) as resp:
+        async with session.post(url, data=body, headers=headers, timeout=timeout) as resp:
             raw = await resp.read()
             return Outcome(
                 status_code=resp.status,
@@ -93,6 +98,8 @@ class UpstreamCaller:
         self.base_s = base_s
         self.max_s = max_s
         self._backoff = wait_exponential_jitter(initial=base_s, max=max_s, jitter=base_s)
+        self.headers = upstream_headers(provider)
+        self.timeout = aiohttp.ClientTimeout(total=provider.timeout_s)
 
     def _wait(self, state: RetryCallState) -> float:
         outcome: Outcome = state.outcome.result()  # type: ignore[union-attr]
@@ -102,11 +109,22 @@ class UpstreamCaller:
         return backoff
 
     async def call(self, url: str, body: bytes, should_stop=None) -> Outcome:
+        first = await send_once(self.session, self.provider, url, body, self.headers, self.timeout)
+        if not first.retryable or self.provider.max_retries == 0 or (should_stop and should_stop()):
+            return first
+        # Only a request that needs a retry pays for the retry machinery.
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.provider.max_retries + 1),
+            stop=stop_after_attempt(self.provider.max_retries),
             wait=self._wait,
             retry=retry_if_result(lambda o: o.retryable and not (should_stop and should_stop())),
             retry_error_callback=lambda state: state.outcome.result(),
             reraise=False,
         )
-        return await retrying(send_once, self.session, self.provider, url, body)
+        await asyncio.sleep(self._first_wait(first))
+        return await retrying(send_once, self.session, self.provider, url, body, self.headers, self.timeout)
+
+    def _first_wait(self, outcome: Outcome) -> float:
+        backoff = self.base_s
+        if outcome.retry_after_s is not None:
+            return min(self.max_s, max(backoff, outcome.retry_after_s))
+        return backoff
