@@ -6,7 +6,6 @@ import time
 from typing import Any
 
 from shared.errors import Conflict, InvalidRequest, NotFound, PermissionDenied, invalid_parameter, missing_parameter
-from shared.file_service import get_file_record
 from shared.ids import new_batch_id
 from shared.providers import ProviderRegistry
 from shared.schemas import SUPPORTED_ENDPOINTS, Batch, ListPage

@@ -45,8 +45,9 @@ class Settings(BaseSettings):
     retry_base_s: float = 0.5
     retry_max_s: float = 30.0
     chunk_min_requests: int = 50
-    chunk_max_requests: int = 500
+    chunk_max_requests: int = 2000
     chunk_target_count: int = 16
+    chunk_waves: int = Field(default=10, description="a chunk holds at least this many x a process's senders")
     chunk_max_attempts: int = 3
     chunk_lease_s: float = 30.0
     progress_interval_s: float = 0.5

@@ -176,6 +176,7 @@ def run_chunk(rt: Runtime, batch_id: str, index: int) -> bool:
     if spec is None or index in store.done_chunks(batch_id):
         return False
     token = uuid.uuid4().hex[:16]
+    started = time.time()
     if not store.acquire_lease(batch_id, index, token, rt.settings.chunk_lease_s):
         raise LeaseHeld(rt.settings.chunk_lease_s / 2)
     try:
@@ -195,7 +196,7 @@ def run_chunk(rt: Runtime, batch_id: str, index: int) -> bool:
         _write_part(rt, part_key(batch_id, index, token, "out"), out)  # type: ignore[arg-type]
         _write_part(rt, part_key(batch_id, index, token, "err"), err)  # type: ignore[arg-type]
         counts = {"completed": len(out), "failed": len(err), "usage": lines.usage.as_list(), "run": token,
-                  "at": int(time.time())}
+                  "started": round(started, 3), "finished": round(time.time(), 3), "attempt": attempt}
         committed, all_done = store.commit_chunk(batch_id, index, counts, int(fields["n_chunks"]))
         return committed and all_done
     finally:

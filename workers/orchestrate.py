@@ -71,26 +71,27 @@ def orchestrate(rt: Runtime, batch_id: str) -> list[int]:
         _fail(rt, batch_id, scan.errors)
         return []
 
+    provider = rt.providers.get(fields.get("provider", "")) or rt.providers.for_tenant_model(
+        fields.get("tenant", ""), scan.model
+    )
+    if provider is None:
+        _fail(rt, batch_id, [LineError("provider_not_allowed",
+                                       f"No provider this API key may use serves the model '{scan.model}'.")])
+        return []
     size_per_chunk = chunk_size_for(
         scan.total,
         target_chunks=settings.chunk_target_count,
         minimum=settings.chunk_min_requests,
         maximum=settings.chunk_max_requests,
+        concurrency=provider.max_concurrency,
+        waves=settings.chunk_waves,
     )
     chunks = plan_chunks(scan, size_per_chunk)
-    provider = fields.get("provider")
-    if not provider:
-        chosen = rt.providers.for_tenant_model(fields.get("tenant", ""), scan.model)
-        if chosen is None:
-            _fail(rt, batch_id, [LineError("provider_not_allowed",
-                                           f"No provider this API key may use serves the model '{scan.model}'.")])
-            return []
-        provider = chosen.name
     now = int(time.time())
     store.save_plan(
         batch_id,
         chunks,
-        {"total": str(scan.total), "model": scan.model or "", "provider": provider, "dispatched_at": str(now)},
+        {"total": str(scan.total), "model": scan.model or "", "provider": provider.name, "dispatched_at": str(now)},
     )
     moved, status = store.transition(batch_id, ("validating",), "in_progress", now, timestamp_field="in_progress_at")
     if not moved and status in TERMINAL_STATUSES:

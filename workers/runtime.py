@@ -17,6 +17,14 @@ from shared.settings import Settings, get_settings
 from shared.store import Store
 
 
+def _loop_factory():
+    try:
+        import uvloop
+    except ImportError:  # uvloop is optional (it ships with uvicorn[standard]); asyncio's own loop works too
+        return None
+    return uvloop.new_event_loop
+
+
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.pid = os.getpid()
@@ -24,7 +32,7 @@ class Runtime:
         self.store = Store.from_url(settings.redis_url)
         self.blobs: LocalBlobStore = make_blob_store(settings.data_dir)
         self.providers: ProviderRegistry = get_registry()
-        self.runner = asyncio.Runner()
+        self.runner = asyncio.Runner(loop_factory=_loop_factory())
         self._sessions: dict[str, aiohttp.ClientSession] = {}
 
     def session(self, provider: Provider) -> aiohttp.ClientSession:
