@@ -61,7 +61,8 @@ def dev(
         if not os.environ.get("BATCHGATE_API_KEYS"):
             typer.echo(f"development API key: {DEV_API_KEY}")
         typer.echo("Ctrl-C stops everything.")
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         while all(p.poll() is None for p in group.procs.values()):
             time.sleep(0.5)
         dead = [name for name, p in group.procs.items() if p.poll() is not None]
