@@ -11,6 +11,9 @@ Configured in a TOML file named by BATCHGATE_PROVIDERS_FILE:
     max_concurrency = 64                 # in-flight requests per worker process
     timeout_s = 120
     max_retries = 5
+    rpm = 3500                           # shared by every worker process, through Redis
+    tpm = 2000000
+    max_inflight = 256
 
     [tenants.team-a]
     providers = ["openai"]               # a tenant listed here may use only these; others may use any
@@ -39,6 +42,9 @@ class Provider(BaseModel):
     max_concurrency: int = Field(default=64, ge=1, le=4096)
     timeout_s: float = Field(default=120.0, gt=0)
     max_retries: int = Field(default=5, ge=0, le=20)
+    rpm: int = Field(default=0, ge=0, description="requests per minute across all workers; 0 = unlimited")
+    tpm: int = Field(default=0, ge=0, description="estimated tokens per minute across all workers; 0 = unlimited")
+    max_inflight: int = Field(default=0, ge=0, description="requests in flight across all workers; 0 = unlimited")
 
     @model_validator(mode="after")
     def _normalise(self) -> "Provider":
@@ -106,6 +112,9 @@ class ProviderRegistry:
                         max_concurrency=settings.upstream_max_concurrency,
                         timeout_s=settings.upstream_timeout_s,
                         max_retries=settings.upstream_max_retries,
+                        rpm=settings.upstream_rpm,
+                        tpm=settings.upstream_tpm,
+                        max_inflight=settings.upstream_max_inflight,
                     )
                 ],
                 "default",

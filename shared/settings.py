@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     upstream_max_concurrency: int = 64
     upstream_timeout_s: float = 120.0
     upstream_max_retries: int = 5
+    upstream_rpm: int = 0
+    upstream_tpm: int = 0
+    upstream_max_inflight: int = 0
     retry_base_s: float = 0.5
     retry_max_s: float = 30.0
     chunk_min_requests: int = 50

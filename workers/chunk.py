@@ -122,7 +122,8 @@ async def send_requests(rt: Runtime, provider: Provider, batch_id: str, endpoint
     settings = rt.settings
     lines = ChunkLines.empty(len(requests))
     state = RunState(stop=rt.store.stop_reason(batch_id))
-    caller = UpstreamCaller(rt.session(provider), provider, base_s=settings.retry_base_s, max_s=settings.retry_max_s)
+    caller = UpstreamCaller(rt.session(provider), provider, base_s=settings.retry_base_s, max_s=settings.retry_max_s,
+                            limiter=rt.limiter(provider))
     url = provider.url_for(endpoint)
     positions = iter(range(len(requests)))
 
@@ -136,7 +137,7 @@ async def send_requests(rt: Runtime, provider: Provider, batch_id: str, endpoint
                 code, message = STOP_ERRORS[state.stop]
                 lines.put(pos, error_line(batch_id, line_no, obj["custom_id"], code, message), False)
                 continue
-            outcome = await caller.call(url, orjson.dumps(obj["body"]), should_stop=stopped)
+            outcome = await caller.call(url, obj["body"], should_stop=stopped)
             if outcome.ok:
                 lines.usage.add(outcome.body)
             lines.put(pos, outcome_line(batch_id, line_no, obj["custom_id"], outcome), outcome.ok)

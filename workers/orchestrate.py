@@ -86,6 +86,9 @@ def orchestrate(rt: Runtime, batch_id: str) -> list[int]:
         concurrency=provider.max_concurrency,
         waves=settings.chunk_waves,
     )
+    if provider.rpm:
+        # A rate-limited chunk must still finish well inside its time limit.
+        size_per_chunk = max(1, min(size_per_chunk, provider.rpm * settings.chunk_time_limit_s // 120))
     chunks = plan_chunks(scan, size_per_chunk)
     now = int(time.time())
     store.save_plan(

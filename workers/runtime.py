@@ -10,11 +10,13 @@ import asyncio
 import os
 
 import aiohttp
+import redis.asyncio as aioredis
 
 from shared.blobs import LocalBlobStore, make_blob_store
 from shared.providers import Provider, ProviderRegistry, get_registry
 from shared.settings import Settings, get_settings
 from shared.store import Store
+from workers.ratelimit import ProviderLimiter
 
 
 def _loop_factory():
@@ -34,6 +36,8 @@ class Runtime:
         self.providers: ProviderRegistry = get_registry()
         self.runner = asyncio.Runner(loop_factory=_loop_factory())
         self._sessions: dict[str, aiohttp.ClientSession] = {}
+        self._limiters: dict[str, ProviderLimiter] = {}
+        self._async_redis: aioredis.Redis | None = None
 
     def session(self, provider: Provider) -> aiohttp.ClientSession:
         session = self._sessions.get(provider.name)
@@ -43,6 +47,17 @@ class Runtime:
             self._sessions[provider.name] = session
         return session
 
+    def limiter(self, provider: Provider) -> ProviderLimiter | None:
+        """The provider's shared limiter, or None when it has no limits (then nothing is spent on one)."""
+        if not ProviderLimiter.needed(provider):
+            return None
+        limiter = self._limiters.get(provider.name)
+        if limiter is None:
+            if self._async_redis is None:
+                self._async_redis = aioredis.Redis.from_url(self.settings.redis_url)
+            limiter = self._limiters[provider.name] = ProviderLimiter(self._async_redis, provider)
+        return limiter
+
     def run(self, coro):
         return self.runner.run(coro)
 
@@ -50,6 +65,8 @@ class Runtime:
         async def _close_all() -> None:
             for session in self._sessions.values():
                 await session.close()
+            if self._async_redis is not None:
+                await self._async_redis.aclose()
 
         try:
             self.runner.run(_close_all())

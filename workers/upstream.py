@@ -18,6 +18,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_after_
 
 from shared.ids import new_request_id
 from shared.providers import Provider
+from workers.ratelimit import ProviderLimiter, estimate_tokens
 
 RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 
@@ -92,9 +93,11 @@ async def send_once(session: aiohttp.ClientSession, provider: Provider, url: str
 class UpstreamCaller:
     """Sends requests with retries: exponential backoff with jitter, or the upstream's Retry-After when longer."""
 
-    def __init__(self, session: aiohttp.ClientSession, provider: Provider, *, base_s: float, max_s: float) -> None:
+    def __init__(self, session: aiohttp.ClientSession, provider: Provider, *, base_s: float, max_s: float,
+                 limiter: ProviderLimiter | None = None) -> None:
         self.session = session
         self.provider = provider
+        self.limiter = limiter
         self.base_s = base_s
         self.max_s = max_s
         self._backoff = wait_exponential_jitter(initial=base_s, max=max_s, jitter=base_s)
@@ -108,8 +111,23 @@ class UpstreamCaller:
             return min(self.max_s, max(backoff, outcome.retry_after_s))
         return backoff
 
-    async def call(self, url: str, body: bytes, should_stop=None) -> Outcome:
-        first = await send_once(self.session, self.provider, url, body, self.headers, self.timeout)
+    async def attempt(self, url: str, body: bytes, tokens: int) -> Outcome:
+        if self.limiter is None:
+            return await send_once(self.session, self.provider, url, body, self.headers, self.timeout)
+        await self.limiter.wait_turn(tokens)
+        holder = await self.limiter.acquire_slot()
+        try:
+            outcome = await send_once(self.session, self.provider, url, body, self.headers, self.timeout)
+        finally:
+            await self.limiter.release_slot(holder)
+        if outcome.status_code == 429:
+            await self.limiter.pause(outcome.retry_after_s if outcome.retry_after_s is not None else self.base_s)
+        return outcome
+
+    async def call(self, url: str, request: dict, should_stop=None) -> Outcome:
+        body = orjson.dumps(request)
+        tokens = estimate_tokens(body, request) if self.limiter is not None and self.limiter.us_per_token else 0
+        first = await self.attempt(url, body, tokens)
         if not first.retryable or self.provider.max_retries == 0 or (should_stop and should_stop()):
             return first
         # Only a request that needs a retry pays for the retry machinery.
@@ -121,7 +139,7 @@ class UpstreamCaller:
             reraise=False,
         )
         await asyncio.sleep(self._first_wait(first))
-        return await retrying(send_once, self.session, self.provider, url, body, self.headers, self.timeout)
+        return await retrying(self.attempt, url, body, tokens)
 
     def _first_wait(self, outcome: Outcome) -> float:
         backoff = self.base_s
