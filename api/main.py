@@ -9,6 +9,7 @@ from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 from api import errors
 from api.auth import KeyRing
+from api.metrics import make_registry
 from api.request_id import RequestIdMiddleware
 from api.routes import batches, files, health
 from shared.blobs import make_blob_store
@@ -33,6 +34,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.blobs = make_blob_store(settings.data_dir)
     app.state.keyring = KeyRing.from_settings(settings)
     app.state.providers = ProviderRegistry.from_settings(settings)
+    app.state.metrics_registry = make_registry(app.state.store)
     if settings.dev_mode and not settings.api_keys:
         log.warning("development mode: accepting the API key %s", DEV_API_KEY)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-# KEYS[1] batch hash, KEYS[2] active-batches zset.
+# KEYS[1] batch hash, KEYS[2] active-batches zset, KEYS[3] metrics counters hash.
 # ARGV: to_status, now, timestamp_field ("" for none), terminal ("1"/"0"), batch_id, n_from, from..., then
 # field/value pairs to set with the move. Returns {1, previous} when moved, {0, current} when not.
 TRANSITION = """
@@ -21,7 +21,10 @@ while i < #ARGV do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
   i = i + 2
 end
-if ARGV[4] == '1' then redis.call('ZREM', KEYS[2], ARGV[5]) end
+if ARGV[4] == '1' then
+  redis.call('ZREM', KEYS[2], ARGV[5])
+  redis.call('HINCRBY', KEYS[3], 'batches_finished|' .. ARGV[1], 1)
+end
 return {1, status}
 """
 

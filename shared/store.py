@@ -13,7 +13,7 @@ from typing import Iterable
 import orjson
 import redis
 
-from shared import lua
+from shared import lua, metrics
 from shared.schemas import Batch, FileObject
 
 PREFIX = "bg"
@@ -222,7 +222,7 @@ class Store:
         argv += froms
         for key, value in (fields or {}).items():
             argv += [key, value]
-        moved, status = self._transition(keys=[batch_key(batch_id), ACTIVE_BATCHES], args=argv)
+        moved, status = self._transition(keys=[batch_key(batch_id), ACTIVE_BATCHES, metrics.COUNTERS], args=argv)
         return bool(moved), status
 
     def active_batch_ids(self, limit: int = 10_000) -> list[str]:

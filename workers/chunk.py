@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
+from shared import metrics
 from shared.ids import batch_request_id
 from shared.providers import Provider
 from shared.schemas import TERMINAL_STATUSES
@@ -104,14 +105,22 @@ class RunState:
     stop: str | None = None
 
 
+def _flush_metrics(store: Store, caller: UpstreamCaller) -> None:
+    if caller.limiter is not None and caller.limiter.waited_s:
+        caller.metrics.inc("limiter_wait_ms", caller.provider.name, int(caller.limiter.waited_s * 1000))
+        caller.limiter.waited_s = 0.0
+    caller.metrics.flush(store.r)
+
+
 async def _heartbeat(store: Store, batch_id: str, spec: ChunkSpec, token: str, lines: ChunkLines, state: RunState,
-                     interval: float, lease_s: float) -> None:
+                     caller: UpstreamCaller, interval: float, lease_s: float) -> None:
     while True:
         await asyncio.sleep(interval)
         try:
             state.stop = store.stop_reason(batch_id)
             store.set_progress(batch_id, spec.index, lines.completed, lines.failed)
             store.renew_lease(batch_id, spec.index, token, lease_s)
+            _flush_metrics(store, caller)
         except Exception:  # noqa: BLE001 - a Redis blip must not stop the requests in flight
             log.warning("heartbeat of %s chunk %d failed", batch_id, spec.index, exc_info=True)
 
@@ -143,7 +152,8 @@ async def send_requests(rt: Runtime, provider: Provider, batch_id: str, endpoint
             lines.put(pos, outcome_line(batch_id, line_no, obj["custom_id"], outcome), outcome.ok)
 
     heartbeat = asyncio.create_task(
-        _heartbeat(rt.store, batch_id, spec, token, lines, state, settings.progress_interval_s, settings.chunk_lease_s)
+        _heartbeat(rt.store, batch_id, spec, token, lines, state, caller, settings.progress_interval_s,
+                   settings.chunk_lease_s)
     )
     senders = [asyncio.create_task(sender()) for _ in range(min(provider.max_concurrency, len(requests)))]
     try:
@@ -155,6 +165,7 @@ async def send_requests(rt: Runtime, provider: Provider, batch_id: str, endpoint
     finally:
         heartbeat.cancel()
         await asyncio.gather(heartbeat, return_exceptions=True)
+        _flush_metrics(rt.store, caller)
     for pos, line in enumerate(lines.lines):
         if line is None:
             line_no, obj = requests[pos]
@@ -182,6 +193,8 @@ def run_chunk(rt: Runtime, batch_id: str, index: int) -> bool:
         raise LeaseHeld(rt.settings.chunk_lease_s / 2)
     try:
         attempt = store.chunk_attempt(batch_id, index)
+        if attempt > 1:
+            metrics.increment(store.r, "chunk_reruns")
         data = rt.blobs.read_range(batch_input_key(batch_id), spec.start, spec.end)
         requests = list(iter_chunk_lines(data, spec.first_line))
         if attempt > rt.settings.chunk_max_attempts:

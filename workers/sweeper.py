@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from shared import metrics
 from shared.file_service import expire_files
 from shared.queue import CHUNKS_QUEUE
 from shared.store import batch_key
@@ -57,6 +58,11 @@ def sweep(rt: Runtime, dispatch: Dispatch) -> Repairs | None:
     finally:
         if store.r.get(LOCK_KEY) == token:
             store.r.delete(LOCK_KEY)
+    counts = {"orchestrate": len(repairs.orchestrate), "chunk": len(repairs.chunks),
+              "finalize": len(repairs.finalize), "expire": len(repairs.expired), "file_deleted": repairs.files_deleted}
+    for kind, n in counts.items():
+        if n:
+            metrics.increment(store.r, "sweeper_repairs", kind, n)
     if repairs.orchestrate or repairs.chunks or repairs.finalize or repairs.expired:
         log.warning("sweeper repairs: %s", repairs)
     return repairs

@@ -17,6 +17,7 @@ import orjson
 from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_after_attempt, wait_exponential_jitter
 
 from shared.ids import new_request_id
+from shared.metrics import MetricsBuffer
 from shared.providers import Provider
 from workers.ratelimit import ProviderLimiter, estimate_tokens
 
@@ -94,8 +95,9 @@ class UpstreamCaller:
     """Sends requests with retries: exponential backoff with jitter, or the upstream's Retry-After when longer."""
 
     def __init__(self, session: aiohttp.ClientSession, provider: Provider, *, base_s: float, max_s: float,
-                 limiter: ProviderLimiter | None = None) -> None:
+                 limiter: ProviderLimiter | None = None, metrics: MetricsBuffer | None = None) -> None:
         self.session = session
+        self.metrics = metrics or MetricsBuffer()
         self.provider = provider
         self.limiter = limiter
         self.base_s = base_s
@@ -111,17 +113,31 @@ class UpstreamCaller:
             return min(self.max_s, max(backoff, outcome.retry_after_s))
         return backoff
 
+    async def _send(self, url: str, body: bytes) -> Outcome:
+        started = time.monotonic()
+        outcome = await send_once(self.session, self.provider, url, body, self.headers, self.timeout)
+        name = self.provider.name
+        self.metrics.observe_latency(name, time.monotonic() - started)
+        self.metrics.inc("upstream_sent", name)
+        if outcome.status_code == 429:
+            self.metrics.inc("upstream_429", name)
+        return outcome
+
     async def attempt(self, url: str, body: bytes, tokens: int) -> Outcome:
         if self.limiter is None:
-            return await send_once(self.session, self.provider, url, body, self.headers, self.timeout)
+            return await self._send(url, body)
         await self.limiter.wait_turn(tokens)
         holder = await self.limiter.acquire_slot()
         try:
-            outcome = await send_once(self.session, self.provider, url, body, self.headers, self.timeout)
+            outcome = await self._send(url, body)
         finally:
             await self.limiter.release_slot(holder)
         if outcome.status_code == 429:
             await self.limiter.pause(outcome.retry_after_s if outcome.retry_after_s is not None else self.base_s)
+        return outcome
+
+    def _record(self, outcome: Outcome) -> Outcome:
+        self.metrics.inc("upstream_succeeded" if outcome.ok else "upstream_failed", self.provider.name)
         return outcome
 
     async def call(self, url: str, request: dict, should_stop=None) -> Outcome:
@@ -129,7 +145,8 @@ class UpstreamCaller:
         tokens = estimate_tokens(body, request) if self.limiter is not None and self.limiter.us_per_token else 0
         first = await self.attempt(url, body, tokens)
         if not first.retryable or self.provider.max_retries == 0 or (should_stop and should_stop()):
-            return first
+            return self._record(first)
+        self.metrics.inc("upstream_retried", self.provider.name)
         # Only a request that needs a retry pays for the retry machinery.
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.provider.max_retries),
@@ -139,7 +156,7 @@ class UpstreamCaller:
             reraise=False,
         )
         await asyncio.sleep(self._first_wait(first))
-        return await retrying(self.attempt, url, body, tokens)
+        return self._record(await retrying(self.attempt, url, body, tokens))
 
     def _first_wait(self, outcome: Outcome) -> float:
         backoff = self.base_s

@@ -1,0 +1,50 @@
+"""Operational counters kept in Redis, so every worker process on every host adds to one set of figures.
+
+Workers count into a local buffer and flush it with one pipelined round trip per progress tick; the API's
+/metrics reads the hashes at scrape time and renders them for Prometheus.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import Counter
+
+import redis
+
+COUNTERS = "bg:metrics:counters"  # field "<name>|<label>" -> int
+LATENCY = "bg:metrics:latency"  # field "<provider>|<bucket index>" or "<provider>|sum_ms"
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+def field(name: str, label: str = "") -> str:
+    return f"{name}|{label}"
+
+
+class MetricsBuffer:
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.latency: Counter[str] = Counter()
+
+    def inc(self, name: str, label: str = "", amount: int = 1) -> None:
+        self.counts[field(name, label)] += amount
+
+    def observe_latency(self, provider: str, seconds: float) -> None:
+        self.latency[f"{provider}|{bisect.bisect_left(LATENCY_BUCKETS_S, seconds)}"] += 1
+        self.latency[f"{provider}|sum_ms"] += int(seconds * 1000)
+        self.latency[f"{provider}|count"] += 1
+
+    def flush(self, client: redis.Redis) -> None:
+        if not self.counts and not self.latency:
+            return
+        pipe = client.pipeline(transaction=False)
+        for key, amount in self.counts.items():
+            pipe.hincrby(COUNTERS, key, amount)
+        for key, amount in self.latency.items():
+            pipe.hincrby(LATENCY, key, amount)
+        pipe.execute()
+        self.counts.clear()
+        self.latency.clear()
+
+
+def increment(client: redis.Redis, name: str, label: str = "", amount: int = 1) -> None:
+    client.hincrby(COUNTERS, field(name, label), amount)
