@@ -13,6 +13,7 @@ from api.metrics import make_registry
 from api.request_id import RequestIdMiddleware
 from api.routes import batches, files, health
 from shared.blobs import make_blob_store
+from shared.logs import configure_logging
 from shared.providers import ProviderRegistry
 from shared.settings import DEV_API_KEY, Settings, get_settings
 from shared.store import Store
@@ -24,6 +25,7 @@ MULTIPART_OVERHEAD = 1024 * 1024
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    configure_logging(settings)
     app = FastAPI(
         title="batchgate",
         version="0.1.0",

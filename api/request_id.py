@@ -1,10 +1,17 @@
-"""Gives every response an `x-request-id`, the handle both SDKs attach to errors."""
+"""Gives every response an `x-request-id`, the handle both SDKs attach to errors, and logs one line a request."""
 
 from __future__ import annotations
+
+import logging
+import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.ids import new_request_id
+from shared.logs import request_id_var
+
+
+access_log = logging.getLogger("batchgate.access")
 
 
 class RequestIdMiddleware:
@@ -17,12 +24,24 @@ class RequestIdMiddleware:
             return
         request_id = new_request_id()
         scope["request_id"] = request_id
+        token = request_id_var.set(request_id)
+        started = time.perf_counter()
+        status = 500
 
         async def send_with_id(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
+                status = message["status"]
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
                 headers.append((b"x-request-id", request_id.encode()))
                 message["headers"] = headers
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            access_log.info(
+                "%s %s %d %.1fms", scope["method"], scope["path"], status, (time.perf_counter() - started) * 1000,
+                extra={"method": scope["method"], "path": scope["path"], "status": status},
+            )
+            request_id_var.reset(token)

@@ -21,6 +21,10 @@ class Settings(BaseSettings):
     result_backend_url: str | None = Field(default=None, description="Celery results; defaults to redis_url")
     data_dir: Path = Path("./data")
 
+    # Logs.
+    log_format: str = Field(default="json", description="json or text")
+    log_level: str = "INFO"
+
     # Who may call.
     dev_mode: bool = False
     api_keys: str = Field(default="", description="comma-separated key=tenant pairs; a key may be 'sha256:<hex>'")

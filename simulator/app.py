@@ -63,9 +63,12 @@ class Simulator:
 
     async def _respond(self, request: Request, path: str) -> Response:
         cfg = self.config
-        if cfg.api_key and request.headers.get("authorization") != f"Bearer {cfg.api_key}":
+        presented = request.headers.get("authorization", "")
+        if cfg.api_key and presented != f"Bearer {cfg.api_key}":
             self.stats["unauthorized"] += 1
-            return _error(401, "Incorrect API key provided.", code="invalid_api_key")
+            # Echoes what it was sent, as careless upstreams do, so tests can prove batchgate scrubs it.
+            return _error(401, f"Incorrect API key provided: {presented.removeprefix('Bearer ')}.",
+                          code="invalid_api_key")
         raw = await request.body()
         try:
             body = orjson.loads(raw)

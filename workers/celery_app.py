@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import logging
-
 from celery import Celery
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import setup_logging, task_postrun, task_prerun, worker_process_shutdown
 
 from shared.queue import CHUNKS_QUEUE, CONTROL_QUEUE, FINALIZE, ORCHESTRATE, RUN_CHUNK, SWEEP, transport_options
+from shared.logs import batch_id_var, configure_logging
 from shared.settings import get_settings
 
 
@@ -48,9 +47,20 @@ def make_app() -> Celery:
 app = make_app()
 
 
-@worker_process_init.connect
-def _init_process(**_: object) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+@setup_logging.connect
+def _setup_logging(**_: object) -> None:
+    # Connecting this signal stops Celery configuring logging itself; every process logs our JSON lines.
+    configure_logging(get_settings())
+
+
+@task_prerun.connect
+def _bind_batch(args=None, **_: object) -> None:
+    batch_id_var.set(args[0] if args and isinstance(args[0], str) else None)
+
+
+@task_postrun.connect
+def _unbind_batch(**_: object) -> None:
+    batch_id_var.set(None)
 
 
 @worker_process_shutdown.connect

@@ -58,6 +58,14 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+REDACTED = b"[redacted]"
+
+
+def scrub(raw: bytes, secret: bytes) -> bytes:
+    """An upstream that echoes the credential it was sent must not carry it into the error file."""
+    return raw.replace(secret, REDACTED) if secret and secret in raw else raw
+
+
 def _decode(raw: bytes) -> Any:
     try:
         return orjson.loads(raw)
@@ -77,7 +85,7 @@ async def send_once(session: aiohttp.ClientSession, provider: Provider, url: str
                     headers: dict[str, str], timeout: aiohttp.ClientTimeout) -> Outcome:
     try:
         async with session.post(url, data=body, headers=headers, timeout=timeout) as resp:
-            raw = await resp.read()
+            raw = scrub(await resp.read(), provider.secret().encode())
             return Outcome(
                 status_code=resp.status,
                 body=_decode(raw),
