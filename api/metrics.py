@@ -6,7 +6,11 @@ import time
 from collections import defaultdict
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 
 from shared import metrics
 from shared.queue import CHUNKS_QUEUE, CONTROL_QUEUE

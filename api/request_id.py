@@ -10,7 +10,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from shared.ids import new_request_id
 from shared.logs import request_id_var
 
-
 access_log = logging.getLogger("batchgate.access")
 
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from shared.errors import Conflict, InvalidRequest, NotFound, PermissionDenied, invalid_parameter, missing_parameter
+from shared.errors import (
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+    invalid_parameter,
+    missing_parameter,
+)
 from shared.ids import new_batch_id
 from shared.providers import ProviderRegistry
 from shared.schemas import SUPPORTED_ENDPOINTS, Batch, ListPage

@@ -7,7 +7,13 @@ import unicodedata
 from typing import BinaryIO, Iterator
 
 from shared.blobs import COPY_BUFFER, BlobStore
-from shared.errors import InvalidRequest, NotFound, PayloadTooLarge, invalid_parameter, missing_parameter
+from shared.errors import (
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    invalid_parameter,
+    missing_parameter,
+)
 from shared.ids import new_file_id
 from shared.schemas import UPLOAD_PURPOSES, FileDeleted, FileObject, ListPage
 from shared.settings import Settings

@@ -17,6 +17,8 @@ Configured in a TOML file named by BATCHGATE_PROVIDERS_FILE:
 
     [tenants.team-a]
     providers = ["openai"]               # a tenant listed here may use only these; others may use any
+    webhook_url = "https://hooks.team-a.example/batchgate"   # its host must be in BATCHGATE_WEBHOOK_ALLOWED_HOSTS
+    webhook_secret = "whsec_..."         # Standard Webhooks signing secret
 
 Without a file there is one provider, "default", from BATCHGATE_UPSTREAM_* settings.
 """
@@ -27,6 +29,7 @@ import fnmatch
 import os
 import tomllib
 from functools import lru_cache
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, SecretStr, model_validator
 
@@ -65,21 +68,38 @@ class Provider(BaseModel):
         return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
 
 
+class TenantConfig(BaseModel):
+    providers: list[str] | None = None
+    webhook_url: str | None = None
+    webhook_secret: SecretStr | None = None
+
+
 class ProviderRegistry:
-    def __init__(self, providers: list[Provider], default: str, tenants: dict[str, list[str]] | None = None) -> None:
+    def __init__(self, providers: list[Provider], default: str, tenants: dict[str, TenantConfig] | None = None,
+                 webhook_allowed_hosts: tuple[str, ...] = ()) -> None:
         self.providers = {p.name: p for p in providers}
         if default not in self.providers:
             raise ValueError(f"default provider {default!r} is not configured")
         self.default = default
         self.tenants = tenants or {}
-        for tenant, names in self.tenants.items():
-            unknown = set(names) - set(self.providers)
+        for tenant, config in self.tenants.items():
+            unknown = set(config.providers or ()) - set(self.providers)
             if unknown:
                 raise ValueError(f"tenant {tenant!r} is allowed unknown providers: {sorted(unknown)}")
+            if config.webhook_url:
+                host = urlsplit(config.webhook_url).hostname or ""
+                if host not in webhook_allowed_hosts:
+                    raise ValueError(f"tenant {tenant!r}: webhook host {host!r} is not in BATCHGATE_WEBHOOK_ALLOWED_HOSTS")
+                if config.webhook_secret is None:
+                    raise ValueError(f"tenant {tenant!r}: a webhook_url needs a webhook_secret")
 
     def allowed(self, tenant: str, name: str) -> bool:
-        names = self.tenants.get(tenant)
-        return names is None or name in names
+        config = self.tenants.get(tenant)
+        return config is None or config.providers is None or name in config.providers
+
+    def webhook(self, tenant: str) -> TenantConfig | None:
+        config = self.tenants.get(tenant)
+        return config if config is not None and config.webhook_url else None
 
     def for_tenant_model(self, tenant: str, model: str | None) -> Provider | None:
         """The provider a tenant's batch of `model` goes to: by model pattern, else the default, if allowed."""
@@ -124,8 +144,9 @@ class ProviderRegistry:
         providers = [Provider(name=name, **spec) for name, spec in data.get("providers", {}).items()]
         if not providers:
             raise ValueError(f"{settings.providers_file} defines no [providers.*] table")
-        tenants = {name: list(spec.get("providers", [])) for name, spec in data.get("tenants", {}).items()}
-        return cls(providers, data.get("default", providers[0].name), tenants)
+        tenants = {name: TenantConfig(**spec) for name, spec in data.get("tenants", {}).items()}
+        allowed_hosts = tuple(h.strip() for h in settings.webhook_allowed_hosts.split(",") if h.strip())
+        return cls(providers, data.get("default", providers[0].name), tenants, allowed_hosts)
 
 
 @lru_cache

@@ -15,6 +15,7 @@ ORCHESTRATE = "batchgate.orchestrate"
 RUN_CHUNK = "batchgate.run_chunk"
 FINALIZE = "batchgate.finalize"
 SWEEP = "batchgate.sweep"
+DELIVER_WEBHOOK = "batchgate.deliver_webhook"
 
 CONTROL_QUEUE = "control"
 CHUNKS_QUEUE = "chunks"

@@ -59,6 +59,12 @@ class Settings(BaseSettings):
     chunk_lease_s: float = 30.0
     progress_interval_s: float = 0.5
 
+    # Webhooks.
+    webhook_allowed_hosts: str = Field(default="", description="comma-separated hosts webhooks may be sent to")
+    webhook_timeout_s: float = 10.0
+    webhook_retry_base_s: float = 2.0
+    webhook_max_attempts: int = 12
+
     # Celery reliability.
     visibility_timeout_s: int = 1800
     chunk_time_limit_s: int = 600

@@ -8,8 +8,9 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from cli import stack as procs  # noqa: E402
 from stack import Stack  # noqa: E402
+
+from cli import stack as procs  # noqa: E402
 
 
 @pytest.fixture(scope="session")

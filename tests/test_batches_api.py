@@ -7,7 +7,6 @@ import io
 import httpx
 import openai
 import pytest
-
 from stack import API_KEY, chat_lines, submit, wait_terminal
 
 pytestmark = pytest.mark.e2e

@@ -9,8 +9,14 @@ import time
 import httpx
 import openai
 import pytest
-
-from stack import API_KEY, OTHER_API_KEY, Stack, assert_exactly_once, chat_lines, wait_terminal
+from stack import (
+    API_KEY,
+    OTHER_API_KEY,
+    Stack,
+    assert_exactly_once,
+    chat_lines,
+    wait_terminal,
+)
 
 pytestmark = pytest.mark.e2e
 

@@ -9,7 +9,6 @@ import orjson
 import pytest
 from openai.types import CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion
-
 from stack import assert_exactly_once, chat_lines, submit, wait_terminal
 
 pytestmark = pytest.mark.e2e

@@ -8,9 +8,9 @@ import time
 import openai
 import pytest
 from celery import Celery
-
-from shared.queue import RUN_CHUNK, CHUNKS_QUEUE
 from stack import TERMINAL, Stack, assert_exactly_once, chat_lines, submit
+
+from shared.queue import CHUNKS_QUEUE, RUN_CHUNK
 
 pytestmark = pytest.mark.e2e
 

@@ -6,7 +6,6 @@ import io
 
 import httpx
 import pytest
-
 from stack import API_KEY, OTHER_API_KEY, chat_lines, submit, wait_terminal
 
 pytestmark = pytest.mark.e2e

@@ -7,7 +7,6 @@ import time
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-
 from stack import chat_lines, submit, wait_terminal
 
 pytestmark = pytest.mark.e2e

@@ -7,9 +7,9 @@ import time
 
 import pytest
 import redis.asyncio as aioredis
+from stack import Stack, assert_exactly_once, chat_lines, submit, wait_terminal
 
 from shared.providers import Provider
-from stack import Stack, assert_exactly_once, chat_lines, submit, wait_terminal
 from workers.ratelimit import ProviderLimiter
 
 

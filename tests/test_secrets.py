@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import httpx
 import pytest
-
-from stack import API_KEY, UPSTREAM_SECRET, assert_exactly_once, chat_lines, submit, wait_terminal
+from stack import (
+    API_KEY,
+    UPSTREAM_SECRET,
+    assert_exactly_once,
+    chat_lines,
+    submit,
+    wait_terminal,
+)
 
 pytestmark = pytest.mark.e2e
 

@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 from celery import Celery
-from celery.signals import setup_logging, task_postrun, task_prerun, worker_process_shutdown
+from celery.signals import (
+    setup_logging,
+    task_postrun,
+    task_prerun,
+    worker_process_shutdown,
+)
 
-from shared.queue import CHUNKS_QUEUE, CONTROL_QUEUE, FINALIZE, ORCHESTRATE, RUN_CHUNK, SWEEP, transport_options
 from shared.logs import batch_id_var, configure_logging
+from shared.queue import (
+    CHUNKS_QUEUE,
+    CONTROL_QUEUE,
+    DELIVER_WEBHOOK,
+    FINALIZE,
+    ORCHESTRATE,
+    RUN_CHUNK,
+    SWEEP,
+    transport_options,
+)
 from shared.settings import get_settings
 
 
@@ -34,6 +48,7 @@ def make_app() -> Celery:
             ORCHESTRATE: {"queue": CONTROL_QUEUE},
             FINALIZE: {"queue": CONTROL_QUEUE},
             SWEEP: {"queue": CONTROL_QUEUE},
+            DELIVER_WEBHOOK: {"queue": CONTROL_QUEUE},
             RUN_CHUNK: {"queue": CHUNKS_QUEUE},
         },
         worker_max_tasks_per_child=1000,

@@ -18,6 +18,7 @@ from shared.store import FileRecord
 from workers.chunk import part_key
 from workers.runtime import Runtime
 from workers.usage import Usage
+from workers.webhooks import batch_finished
 
 log = logging.getLogger("batchgate.finalize")
 
@@ -93,6 +94,7 @@ def finalize(rt: Runtime, batch_id: str) -> str | None:
         terminal=True,
     )
     if moved:
+        batch_finished(rt, batch_id, status)
         rt.blobs.delete_prefix(f"batches/{batch_id}")
         log.info("batch %s %s: %d completed, %d failed", batch_id, status, completed, failed)
         return status

@@ -12,12 +12,13 @@ from shared.schemas import TERMINAL_STATUSES
 from workers.chunk import batch_input_key
 from workers.runtime import Runtime
 from workers.validation import LineError, chunk_size_for, plan_chunks, scan_input
+from workers.webhooks import batch_finished
 
 log = logging.getLogger("batchgate.orchestrate")
 
 
 def _fail(rt: Runtime, batch_id: str, errors: list[LineError]) -> None:
-    rt.store.transition(
+    moved, _ = rt.store.transition(
         batch_id,
         ("validating",),
         "failed",
@@ -30,6 +31,8 @@ def _fail(rt: Runtime, batch_id: str, errors: list[LineError]) -> None:
         },
         terminal=True,
     )
+    if moved:
+        batch_finished(rt, batch_id, "failed")
 
 
 def orchestrate(rt: Runtime, batch_id: str) -> list[int]:
@@ -44,8 +47,11 @@ def orchestrate(rt: Runtime, batch_id: str) -> list[int]:
         done = store.done_chunks(batch_id)
         return [i for i in range(int(fields["n_chunks"])) if i not in done]
     if status == "cancelling":
-        store.transition(batch_id, ("cancelling",), "cancelled", int(time.time()), timestamp_field="cancelled_at",
-                         fields={"completed": "0", "failed": "0"}, terminal=True)
+        moved, _ = store.transition(batch_id, ("cancelling",), "cancelled", int(time.time()),
+                                    timestamp_field="cancelled_at", fields={"completed": "0", "failed": "0"},
+                                    terminal=True)
+        if moved:
+            batch_finished(rt, batch_id, "cancelled")
         return []
 
     record = store.get_file(fields["input_file_id"])

@@ -15,6 +15,7 @@ from shared import metrics
 from shared.file_service import expire_files
 from shared.queue import CHUNKS_QUEUE
 from shared.store import batch_key
+from workers import webhooks
 from workers.runtime import Runtime
 
 log = logging.getLogger("batchgate.sweeper")
@@ -29,6 +30,7 @@ class Repairs:
     finalize: list[str] = field(default_factory=list)
     expired: list[str] = field(default_factory=list)
     files_deleted: int = 0
+    webhooks: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -36,6 +38,7 @@ class Dispatch:
     orchestrate: Callable[[str], None]
     chunk: Callable[[str, int], None]
     finalize: Callable[[str], None]
+    webhook: Callable[[str], None] = lambda event_id: None
 
 
 def _age(fields: dict, name: str, now: float) -> float:
@@ -55,11 +58,15 @@ def sweep(rt: Runtime, dispatch: Dispatch) -> Repairs | None:
         for batch_id in store.active_batch_ids():
             _sweep_batch(rt, batch_id, now, queue_idle, dispatch, repairs)
         repairs.files_deleted = expire_files(store, rt.blobs, int(now))
+        for event_id in webhooks.overdue_events(rt, grace_s=max(settings.redrive_after_s, 30.0)):
+            dispatch.webhook(event_id)
+            repairs.webhooks.append(event_id)
     finally:
         if store.r.get(LOCK_KEY) == token:
             store.r.delete(LOCK_KEY)
     counts = {"orchestrate": len(repairs.orchestrate), "chunk": len(repairs.chunks),
-              "finalize": len(repairs.finalize), "expire": len(repairs.expired), "file_deleted": repairs.files_deleted}
+              "finalize": len(repairs.finalize), "expire": len(repairs.expired), "file_deleted": repairs.files_deleted,
+              "webhook": len(repairs.webhooks)}
     for kind, n in counts.items():
         if n:
             metrics.increment(store.r, "sweeper_repairs", kind, n)
@@ -82,8 +89,10 @@ def _sweep_batch(rt: Runtime, batch_id: str, now: float, queue_idle: bool, dispa
         if planned:
             store.r.hsetnx(batch_key(batch_id), "stop", "expired")
         else:
-            store.transition(batch_id, ("validating",), "expired", int(now), timestamp_field="expired_at",
-                             fields={"completed": "0", "failed": "0"}, terminal=True)
+            moved, _ = store.transition(batch_id, ("validating",), "expired", int(now), timestamp_field="expired_at",
+                                        fields={"completed": "0", "failed": "0"}, terminal=True)
+            if moved:
+                webhooks.batch_finished(rt, batch_id, "expired")
         repairs.expired.append(batch_id)
         return
 

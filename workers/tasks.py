@@ -6,8 +6,16 @@ import logging
 
 from celery import chord, group
 
-from shared.queue import CHUNKS_QUEUE, CONTROL_QUEUE, FINALIZE, ORCHESTRATE, RUN_CHUNK, SWEEP
-from workers import chunk, finalize, orchestrate, sweeper
+from shared.queue import (
+    CHUNKS_QUEUE,
+    CONTROL_QUEUE,
+    DELIVER_WEBHOOK,
+    FINALIZE,
+    ORCHESTRATE,
+    RUN_CHUNK,
+    SWEEP,
+)
+from workers import chunk, finalize, orchestrate, sweeper, webhooks
 from workers.celery_app import app
 from workers.runtime import get_runtime
 
@@ -26,6 +34,13 @@ def send_finalize(batch_id: str) -> None:
 
 def send_orchestrate(batch_id: str) -> None:
     orchestrate_task.apply_async(args=[batch_id], queue=CONTROL_QUEUE)
+
+
+def send_webhook(event_id: str) -> None:
+    deliver_webhook_task.apply_async(args=[event_id], queue=CONTROL_QUEUE)
+
+
+webhooks.set_sender(send_webhook)
 
 
 @app.task(name=ORCHESTRATE, ignore_result=True)
@@ -66,4 +81,11 @@ def finalize_task(batch_id: str) -> None:
 
 @app.task(name=SWEEP, ignore_result=True)
 def sweep_task() -> None:
-    sweeper.sweep(get_runtime(), sweeper.Dispatch(send_orchestrate, send_chunk, send_finalize))
+    sweeper.sweep(get_runtime(), sweeper.Dispatch(send_orchestrate, send_chunk, send_finalize, send_webhook))
+
+
+@app.task(name=DELIVER_WEBHOOK, bind=True, ignore_result=True, max_retries=None)
+def deliver_webhook_task(self, event_id: str) -> None:
+    retry_in = webhooks.deliver(get_runtime(), event_id)
+    if retry_in is not None:
+        raise self.retry(countdown=retry_in)
