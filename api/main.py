@@ -12,7 +12,7 @@ from api import errors
 from api.auth import KeyRing
 from api.metrics import make_registry
 from api.request_id import RequestIdMiddleware
-from api.routes import batches, files, health
+from api.routes import admin, batches, files, health
 from shared.blobs import make_blob_store
 from shared.logs import configure_logging
 from shared.providers import ProviderRegistry
@@ -44,6 +44,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     errors.install(app)
     app.include_router(health.router)
+    app.include_router(admin.router)
     # One implementation, mounted once per dialect: OpenAI, Portkey, AlphaEdge, mka1.
     for prefix in ("/v1", "", "/api/v1/llm"):
         app.include_router(files.router, prefix=prefix)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_API_KEY = "sk-batchgate-dev"
@@ -28,6 +28,7 @@ class Settings(BaseSettings):
     # Who may call.
     dev_mode: bool = False
     api_keys: str = Field(default="", description="comma-separated key=tenant pairs; a key may be 'sha256:<hex>'")
+    admin_api_key: SecretStr | None = Field(default=None, description="the operator's key for /admin routes")
 
     # Files.
     max_upload_bytes: int = 512 * 1024 * 1024

@@ -156,3 +156,18 @@ def test_input_file_deleted_while_the_batch_runs_never_hangs(stack):
     else:
         assert final.status == "completed"
         assert_exactly_once(client, final, {f"req-{i}" for i in range(300)})
+
+
+def test_operator_reads_usage_per_tenant(stack):
+    import httpx
+
+    admin = {"Authorization": "Bearer sk-admin-test"}
+    url = stack.base_url.removesuffix("/v1") + "/admin/usage"
+    before = httpx.get(url, headers=admin).json()["tenants"].get("tenant-a", {})
+    client = stack.client()
+    final = wait_terminal(client, submit(client, chat_lines(30)).id)
+    after = httpx.get(url, headers=admin).json()["tenants"]["tenant-a"]
+    assert after["total_tokens"] - before.get("total_tokens", 0) == final.usage.total_tokens
+    assert after["requests_completed"] - before.get("requests_completed", 0) == 30
+    assert after["batches"] - before.get("batches", 0) == 1
+    assert httpx.get(url, headers={"Authorization": "Bearer sk-test-tenant-a"}).status_code == 401

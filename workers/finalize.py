@@ -15,6 +15,7 @@ from shared.file_service import file_blob_key
 from shared.ids import derived_file_id
 from shared.schemas import TERMINAL_STATUSES, FileObject
 from shared.store import FileRecord
+from shared.usage import record_tenant_usage
 from workers.chunk import part_key
 from workers.runtime import Runtime
 from workers.usage import Usage
@@ -94,6 +95,7 @@ def finalize(rt: Runtime, batch_id: str) -> str | None:
         terminal=True,
     )
     if moved:
+        record_tenant_usage(store, fields.get("tenant", ""), usage, completed, failed)
         batch_finished(rt, batch_id, status)
         rt.blobs.delete_prefix(f"batches/{batch_id}")
         log.info("batch %s %s: %d completed, %d failed", batch_id, status, completed, failed)

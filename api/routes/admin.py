@@ -1,0 +1,27 @@
+"""Operator routes, behind BATCHGATE_ADMIN_API_KEY (tenant keys never reach them)."""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import APIRouter, Request
+
+from api.deps import SettingsDep, StoreDep
+from shared.errors import AuthenticationFailed
+from shared.usage import tenant_usage
+
+router = APIRouter(prefix="/admin", tags=["admin"])
+
+
+def require_admin(request: Request, settings) -> None:
+    expected = settings.admin_api_key.get_secret_value() if settings.admin_api_key else ""
+    presented = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+    if not expected or not hmac.compare_digest(presented.encode(), expected.encode()):
+        raise AuthenticationFailed("This route needs the operator's admin API key.")
+
+
+@router.get("/usage")
+def usage(request: Request, store: StoreDep, settings: SettingsDep) -> dict:
+    """Token and request totals per tenant, over every batch that has ended."""
+    require_admin(request, settings)
+    return {"object": "usage", "tenants": tenant_usage(store)}
