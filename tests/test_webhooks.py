@@ -10,10 +10,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import orjson
 import pytest
+from stack import Stack, chat_lines, submit, wait_terminal
 from standardwebhooks.webhooks import Webhook
 
 from cli.stack import free_port
-from stack import Stack, chat_lines, submit, wait_terminal
 
 pytestmark = pytest.mark.e2e
 
