@@ -11,6 +11,7 @@ from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 from api import errors
 from api.auth import KeyRing
 from api.metrics import make_registry
+from api.openapi import install_openapi
 from api.request_id import RequestIdMiddleware
 from api.routes import admin, batches, files, health
 from shared.blobs import make_blob_store
@@ -43,6 +44,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         print(f"development mode: accepting the API key {DEV_API_KEY}", file=sys.stderr, flush=True)
 
     errors.install(app)
+    install_openapi(app)
     app.include_router(health.router)
     app.include_router(admin.router)
     # One implementation, mounted once per dialect: OpenAI, Portkey, AlphaEdge, mka1.
