@@ -17,6 +17,7 @@ _HTTP_CODES = {
     401: ("invalid_api_key", "invalid_request_error"),
     404: ("unknown_url", "invalid_request_error"),
     405: ("method_not_allowed", "invalid_request_error"),
+    408: ("request_timeout", "invalid_request_error"),
     413: ("request_too_large", "invalid_request_error"),
 }
 

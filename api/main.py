@@ -10,6 +10,7 @@ from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 from api import errors
 from api.auth import KeyRing
+from api.limits import RequestLimitsMiddleware
 from api.metrics import make_registry
 from api.openapi import install_openapi
 from api.request_id import RequestIdMiddleware
@@ -55,6 +56,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(batches.batches_router("batch", default_window="24h"), prefix="/v1")
     app.include_router(batches.batches_router(), prefix="/api/v1/llm")
     app.add_middleware(RequestBodyLimitMiddleware, max_body_size=settings.max_upload_bytes + MULTIPART_OVERHEAD)
+    app.add_middleware(RequestLimitsMiddleware, max_body_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD,
+                       body_read_timeout_s=settings.body_read_timeout_s)
     app.add_middleware(RequestIdMiddleware)
     return app
 

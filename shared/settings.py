@@ -32,6 +32,7 @@ class Settings(BaseSettings):
 
     # Files.
     max_upload_bytes: int = 512 * 1024 * 1024
+    body_read_timeout_s: float = 30.0
     batch_file_default_ttl_s: int = 30 * 86400
 
     # Batches.

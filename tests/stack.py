@@ -36,6 +36,7 @@ class Stack(Deployment):
             "BATCHGATE_RETRY_MAX_S": "1",
             "BATCHGATE_PROGRESS_INTERVAL_S": "0.2",
             "BATCHGATE_ADMIN_API_KEY": "sk-admin-test",
+            "BATCHGATE_BODY_READ_TIMEOUT_S": "2",
         }
         super().__init__(root, api_key=API_KEY, env=env, **kwargs)
 
