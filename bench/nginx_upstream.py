@@ -1,4 +1,9 @@
-"""A zero-latency upstream that costs almost no CPU: nginx answering every POST with one fixed JSON body."""
+"""An upstream that costs almost no CPU: nginx answering every POST with one fixed JSON body.
+
+At zero latency it measures batchgate's own overhead. With a latency it needs the echo module
+(`apt-get install libnginx-mod-http-echo`) for `echo_sleep`, so a latency-bound run measures the runner rather
+than a Python upstream's CPU on the same cores.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +23,10 @@ BODY = ('{"id":"chatcmpl-static","object":"chat.completion","created":1700000000
         '"choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],'
         '"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}')
 
+ECHO_MODULE = Path("/usr/lib/nginx/modules/ngx_http_echo_module.so")
+
 CONFIG = """
+{load_module}
 worker_processes 1;
 daemon off;
 pid {root}/nginx.pid;
@@ -37,7 +45,7 @@ http {{
         location / {{
             default_type application/json;
             add_header x-request-id req_static;
-            return 200 '{body}';
+            {answer}
         }}
     }}
 }}
@@ -51,13 +59,24 @@ def find_nginx() -> str:
     raise SystemExit("nginx is needed for the zero-latency run: apt-get install nginx-light")
 
 
+def can_delay() -> bool:
+    return ECHO_MODULE.exists()
+
+
 @contextmanager
-def nginx_upstream() -> Iterator[str]:
-    """Yields the base URL (ending in /v1) of a running nginx."""
+def nginx_upstream(latency_ms: float = 0) -> Iterator[str]:
+    """Yields the base URL (ending in /v1) of a running nginx answering after `latency_ms`."""
     port = free_port()
+    if latency_ms:
+        if not can_delay():
+            raise SystemExit("a delayed nginx upstream needs: apt-get install libnginx-mod-http-echo")
+        load_module = f"load_module {ECHO_MODULE};"
+        answer = f"echo_read_request_body; echo_sleep {latency_ms / 1000:.3f}; echo '{BODY}';"
+    else:
+        load_module, answer = "", f"return 200 '{BODY}';"
     with tempfile.TemporaryDirectory(prefix="batchgate-nginx-") as root:
         conf = Path(root) / "nginx.conf"
-        conf.write_text(CONFIG.format(root=root, port=port, body=BODY))
+        conf.write_text(CONFIG.format(root=root, port=port, body=BODY, load_module=load_module, answer=answer))
         proc = subprocess.Popen([find_nginx(), "-c", str(conf), "-p", root], stderr=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + 10

@@ -1,6 +1,7 @@
 """Throughput: one N-request batch through batchgate against a bare aiohttp loop at the same total concurrency.
 
-Two upstreams: nginx answering at once (batchgate's own overhead) and the simulator at 100 ms (latency-bound).
+Two upstreams: nginx answering at once (batchgate's own overhead) and answering after 100 ms (latency-bound; nginx
+with the echo module when installed, else the simulator).
 Usage: python -m bench.throughput [--requests 20000] [--processes 2] [--concurrency 128] [--latency-ms 100]
 """
 
@@ -11,7 +12,7 @@ import argparse
 import orjson
 
 from bench.common import chat_input, deployment, run_batch
-from bench.nginx_upstream import nginx_upstream
+from bench.nginx_upstream import can_delay, nginx_upstream
 from bench.raw_loop import raw_loop
 
 
@@ -19,7 +20,7 @@ def bodies(n: int) -> list[bytes]:
     return [orjson.dumps(orjson.loads(line)["body"]) for line in chat_input(n).splitlines()]
 
 
-def measure(label: str, n: int, processes: int, per_process: int, **settings: object) -> None:
+def measure(label: str, n: int, processes: int, per_process: int, latency_ms: float = 0, **settings: object) -> None:
     total = processes * per_process
     with deployment(workers=1, concurrency=processes, upstream_max_concurrency=per_process, **settings) as dep:
         upstream = settings.get("upstream_base_url") or f"http://127.0.0.1:{dep.sim_port}/v1"
@@ -31,9 +32,8 @@ def measure(label: str, n: int, processes: int, per_process: int, **settings: ob
     print(f"{label}: raw aiohttp loop {raw_rps:,.0f} req/s ({raw_s:.2f} s)")
     print(f"{label}: batchgate        {batch_rps:,.0f} req/s ({batch_s:.2f} s, create -> completed)")
     print(f"{label}: ratio batchgate / raw = {batch_rps / raw_rps:.2f}")
-    latency = settings.get("sim_latency_ms")
-    if latency:
-        ideal = n * float(latency) / 1000 / total
+    if latency_ms:
+        ideal = n * latency_ms / 1000 / total
         print(f"{label}: ideal N x latency / concurrency = {ideal:.2f} s; batchgate / ideal = {batch_s / ideal:.2f}")
 
 
@@ -50,8 +50,13 @@ def main() -> None:
         with nginx_upstream() as base_url:
             measure("zero-latency (nginx)", args.requests, args.processes, per_process, upstream_base_url=base_url)
     if args.only in (None, "latency"):
-        measure(f"{args.latency_ms:g} ms (simulator)", args.requests, args.processes, per_process,
-                sim_latency_ms=args.latency_ms)
+        if can_delay():
+            with nginx_upstream(args.latency_ms) as base_url:
+                measure(f"{args.latency_ms:g} ms (nginx)", args.requests, args.processes, per_process,
+                        latency_ms=args.latency_ms, upstream_base_url=base_url)
+        else:
+            measure(f"{args.latency_ms:g} ms (simulator)", args.requests, args.processes, per_process,
+                    latency_ms=args.latency_ms, sim_latency_ms=args.latency_ms)
 
 
 if __name__ == "__main__":
