@@ -2,7 +2,7 @@
 
 Two upstreams: nginx answering at once (batchgate's own overhead) and answering after 100 ms (latency-bound; nginx
 with the echo module when installed, else the simulator).
-Usage: python -m bench.throughput [--requests 20000] [--processes 2] [--concurrency 128] [--latency-ms 100]
+Usage: python -m bench.throughput [--requests 20000] [--processes 4] [--concurrency 256] [--latency-ms 100]
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def measure(label: str, n: int, processes: int, per_process: int, latency_ms: fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=20_000)
-    parser.add_argument("--processes", type=int, default=2, help="worker processes")
+    parser.add_argument("--processes", type=int, default=4, help="worker processes (each with concurrency ÷ processes senders)")
     parser.add_argument("--concurrency", type=int, default=256, help="total in-flight requests")
     parser.add_argument("--latency-ms", type=float, default=100.0)
     parser.add_argument("--only", choices=["zero", "latency"], default=None)

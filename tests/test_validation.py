@@ -37,6 +37,14 @@ def test_chunks_cover_every_request_once():
     assert sum(c.n_lines for c in chunks) == 103 and len(chunks) == 4
 
 
+def test_chunk_size_spreads_the_batch_evenly():
+    # 10 waves of 128 senders asks for 1,280; 20,000 requests then make 16 chunks of 1,250, not 15 full and one short.
+    assert chunk_size_for(20_000, target_chunks=16, minimum=50, maximum=2000, concurrency=128, waves=10) == 1250
+    assert chunk_size_for(100, target_chunks=16, minimum=50, maximum=2000, concurrency=64, waves=10) == 100
+    assert chunk_size_for(4001, target_chunks=2, minimum=50, maximum=2000) == 1334
+    assert chunk_size_for(0, target_chunks=16, minimum=50, maximum=2000) == 1
+
+
 def test_first_hundred_errors_are_reported_with_lines():
     data = b"".join(b"not json\n" for _ in range(150))
     scan = scan_input(io.BytesIO(data), EP, max_lines=1000)

@@ -7,6 +7,7 @@ from celery.signals import (
     setup_logging,
     task_postrun,
     task_prerun,
+    worker_process_init,
     worker_process_shutdown,
 )
 
@@ -76,6 +77,14 @@ def _bind_batch(args=None, **_: object) -> None:
 @task_postrun.connect
 def _unbind_batch(**_: object) -> None:
     batch_id_var.set(None)
+
+
+@worker_process_init.connect
+def _open_process(**_: object) -> None:
+    # Build the process's loop, pools and Redis connection now, so a batch's first chunk does not wait for them.
+    from workers.runtime import get_runtime
+
+    get_runtime().warm_up()
 
 
 @worker_process_shutdown.connect

@@ -39,6 +39,12 @@ class Runtime:
         self._limiters: dict[str, ProviderLimiter] = {}
         self._async_redis: aioredis.Redis | None = None
 
+    def warm_up(self) -> None:
+        try:
+            self.store.r.ping()
+        except Exception:  # noqa: BLE001 - Redis may be down at start; the first task will wait for it instead
+            pass
+
     def session(self, provider: Provider) -> aiohttp.ClientSession:
         session = self._sessions.get(provider.name)
         if session is None or session.closed:

@@ -129,10 +129,12 @@ def chunk_size_for(total: int, *, target_chunks: int, minimum: int, maximum: int
     """Requests per chunk: enough chunks to spread the batch, each at least `waves` x the senders of a process.
 
     A chunk's last wave drains with fewer requests in flight than the process could hold, so a chunk of only a few
-    waves wastes a large share of its time; ten waves waste about 5% of it.
+    waves wastes a large share of its time; ten waves waste about 5% of it. The batch is then
+    cut into chunks of equal size.
     """
-    size = max(math.ceil(total / max(1, target_chunks)), waves * concurrency)
-    return max(minimum, min(maximum, size))
+    size = max(minimum, min(maximum, max(math.ceil(total / max(1, target_chunks)), waves * concurrency)))
+    # Equal chunks: a short last chunk would leave the processes that drew full ones finishing after the rest.
+    return max(1, math.ceil(total / math.ceil(max(1, total) / size)))
 
 
 def plan_chunks(scan: ScanResult, size: int) -> list[ChunkSpec]:
