@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from api.auth import authenticate
-from shared.blobs import LocalBlobStore
+from shared.blobs import BlobStore
 from shared.errors import InvalidRequest
 from shared.providers import ProviderRegistry
 from shared.scope import Principal
@@ -25,7 +25,7 @@ def get_store(request: Request) -> Store:
     return request.app.state.store
 
 
-def get_blobs(request: Request) -> LocalBlobStore:
+def get_blobs(request: Request) -> BlobStore:
     return request.app.state.blobs
 
 
@@ -48,6 +48,6 @@ def get_principal(request: Request) -> Principal:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[Store, Depends(get_store)]
-BlobsDep = Annotated[LocalBlobStore, Depends(get_blobs)]
+BlobsDep = Annotated[BlobStore, Depends(get_blobs)]
 ProvidersDep = Annotated[ProviderRegistry, Depends(get_providers)]
 PrincipalDep = Annotated[Principal, Depends(get_principal)]

@@ -36,7 +36,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.store = Store.from_url(settings.redis_url)
-    app.state.blobs = make_blob_store(settings.data_dir)
+    app.state.blobs = make_blob_store(settings)
     app.state.keyring = KeyRing.from_settings(settings)
     app.state.providers = ProviderRegistry.from_settings(settings)
     app.state.metrics_registry = make_registry(app.state.store)

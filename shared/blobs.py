@@ -11,7 +11,10 @@ import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Iterable, Iterator, Protocol
+
+if TYPE_CHECKING:
+    from shared.settings import Settings
 
 COPY_BUFFER = 1024 * 1024
 
@@ -126,5 +129,21 @@ class LocalBlobStore:
         return written
 
 
-def make_blob_store(data_dir: Path | str) -> LocalBlobStore:
-    return LocalBlobStore(Path(data_dir) / "blobs")
+def make_blob_store(settings: "Settings") -> BlobStore:
+    """The blob store the settings choose: a directory below `data_dir`, or an S3-compatible bucket."""
+    if settings.blob_backend == "local":
+        return LocalBlobStore(Path(settings.data_dir) / "blobs")
+    if settings.blob_backend == "s3":
+        from shared.s3blobs import S3BlobStore  # boto3 is imported only by deployments that use it
+
+        secret = settings.s3_secret_access_key
+        return S3BlobStore(
+            settings.s3_bucket,
+            prefix=settings.s3_prefix,
+            endpoint_url=settings.s3_endpoint_url,
+            region=settings.s3_region,
+            access_key_id=settings.s3_access_key_id,
+            secret_access_key=secret.get_secret_value() if secret else None,
+            part_size=settings.s3_part_size_mb * 1024 * 1024,
+        )
+    raise ValueError(f"BATCHGATE_BLOB_BACKEND must be 'local' or 's3', not {settings.blob_backend!r}")

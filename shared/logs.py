@@ -53,11 +53,14 @@ class RedactFilter(logging.Filter):
 def known_secrets(settings: Settings) -> list[str]:
     from shared.providers import ProviderRegistry
 
+    own = [settings.upstream_api_key]
+    if settings.s3_secret_access_key is not None:
+        own.append(settings.s3_secret_access_key.get_secret_value())
     try:
         registry = ProviderRegistry.from_settings(settings)
     except Exception:  # noqa: BLE001 - a broken providers file is reported elsewhere; log with what we have
-        return [settings.upstream_api_key]
-    return [p.secret() for p in registry.providers.values()] + [settings.upstream_api_key]
+        return own
+    return [p.secret() for p in registry.providers.values()] + own
 
 
 def configure_logging(settings: Settings) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_API_KEY = "sk-batchgate-dev"
@@ -20,6 +20,16 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(default=None, description="Celery broker; defaults to redis_url")
     result_backend_url: str | None = Field(default=None, description="Celery results; defaults to redis_url")
     data_dir: Path = Path("./data")
+
+    # Blob storage: a local directory (one host, or a volume every host mounts) or an S3-compatible bucket.
+    blob_backend: str = Field(default="local", description="local or s3")
+    s3_bucket: str = "batchgate"
+    s3_prefix: str = Field(default="", description="key prefix inside the bucket")
+    s3_endpoint_url: str | None = Field(default=None, description="for MinIO, Ceph, R2, moto...; unset for AWS")
+    s3_region: str | None = None
+    s3_access_key_id: str | None = Field(default=None, description="unset: boto3's usual credential chain")
+    s3_secret_access_key: SecretStr | None = None
+    s3_part_size_mb: int = Field(default=8, ge=5, description="multipart part size; S3's minimum is 5")
 
     # Logs.
     log_format: str = Field(default="json", description="json or text")
@@ -72,6 +82,12 @@ class Settings(BaseSettings):
     chunk_time_limit_s: int = 600
     sweep_interval_s: float = 30.0
     redrive_after_s: float = 60.0
+
+    @field_validator("s3_endpoint_url", "s3_region", "s3_access_key_id", "s3_secret_access_key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # docker compose passes `${VAR:-}` through as an empty string.
+        return None if value == "" else value
 
     @property
     def celery_broker_url(self) -> str:

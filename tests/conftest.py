@@ -34,6 +34,18 @@ def redis_client(redis_server):
 
 
 @pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3-compatible server (moto's) on loopback; tests make their own buckets in it."""
+    port = procs.free_port()
+    group = procs.ProcessGroup()
+    group.start("moto", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)])
+    url = f"http://127.0.0.1:{port}"
+    procs.wait_for_http(f"{url}/moto-api/")
+    yield url
+    group.stop_all()
+
+
+@pytest.fixture(scope="session")
 def stack(tmp_path_factory):
     """One running deployment shared by the end-to-end tests that do not break it."""
     running = Stack(

@@ -178,8 +178,11 @@ def _write_part(rt: Runtime, key: str, parts: list[bytes]) -> None:
         rt.blobs.put(key, b"\n".join(parts) + b"\n")
 
 
-def run_chunk(rt: Runtime, batch_id: str, index: int) -> bool:
-    """Run chunk `index` of a batch. Returns True when this run's commit completed the batch's last chunk."""
+def run_chunk(rt: Runtime, batch_id: str, index: int, node: str = "") -> bool:
+    """Run chunk `index` of a batch. Returns True when this run's commit completed the batch's last chunk.
+
+    `node` names the worker that ran it; it is kept with the chunk's counts for operators (and the tests).
+    """
     store = rt.store
     fields = store.batch_fields(batch_id)
     if not fields or fields.get("status") in TERMINAL_STATUSES:
@@ -210,7 +213,7 @@ def run_chunk(rt: Runtime, batch_id: str, index: int) -> bool:
         _write_part(rt, part_key(batch_id, index, token, "out"), out)  # type: ignore[arg-type]
         _write_part(rt, part_key(batch_id, index, token, "err"), err)  # type: ignore[arg-type]
         counts = {"completed": len(out), "failed": len(err), "usage": lines.usage.as_list(), "run": token,
-                  "started": round(started, 3), "finished": round(time.time(), 3), "attempt": attempt}
+                  "started": round(started, 3), "finished": round(time.time(), 3), "attempt": attempt, "node": node}
         committed, all_done = store.commit_chunk(batch_id, index, counts, int(fields["n_chunks"]))
         return committed and all_done
     finally:

@@ -12,7 +12,7 @@ import os
 import aiohttp
 import redis.asyncio as aioredis
 
-from shared.blobs import LocalBlobStore, make_blob_store
+from shared.blobs import BlobStore, make_blob_store
 from shared.providers import Provider, ProviderRegistry, get_registry
 from shared.settings import Settings, get_settings
 from shared.store import Store
@@ -32,7 +32,7 @@ class Runtime:
         self.pid = os.getpid()
         self.settings = settings
         self.store = Store.from_url(settings.redis_url)
-        self.blobs: LocalBlobStore = make_blob_store(settings.data_dir)
+        self.blobs: BlobStore = make_blob_store(settings)
         self.providers: ProviderRegistry = get_registry()
         self.runner = asyncio.Runner(loop_factory=_loop_factory())
         self._sessions: dict[str, aiohttp.ClientSession] = {}

@@ -56,7 +56,7 @@ def orchestrate_task(batch_id: str) -> None:
 @app.task(name=RUN_CHUNK, bind=True, max_retries=None)
 def run_chunk_task(self, batch_id: str, index: int) -> int:
     try:
-        finished_batch = chunk.run_chunk(get_runtime(), batch_id, index)
+        finished_batch = chunk.run_chunk(get_runtime(), batch_id, index, node=self.request.hostname or "")
     except chunk.LeaseHeld as held:
         raise self.retry(countdown=held.retry_in, max_retries=None) from None
     except Exception:  # noqa: BLE001 - a chunk never fails its chord; the sweeper re-drives uncommitted chunks
