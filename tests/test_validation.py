@@ -45,6 +45,15 @@ def test_chunk_size_spreads_the_batch_evenly():
     assert chunk_size_for(0, target_chunks=16, minimum=50, maximum=2000) == 1
 
 
+def test_chunk_count_is_whole_rounds_of_the_pool():
+    # 8,000 requests in chunks of at least 640 make 13 chunks; two processes get 14 (7 each), four get 16.
+    sizes = {p: chunk_size_for(8000, target_chunks=16, minimum=50, maximum=2000, concurrency=64, waves=10, processes=p)
+             for p in (0, 1, 2, 4)}
+    assert sizes == {0: 616, 1: 616, 2: 572, 4: 500}
+    # Rounding never makes chunks smaller than the minimum.
+    assert chunk_size_for(120, target_chunks=16, minimum=50, maximum=2000, concurrency=8, waves=10, processes=4) == 60
+
+
 def test_first_hundred_errors_are_reported_with_lines():
     data = b"".join(b"not json\n" for _ in range(150))
     scan = scan_input(io.BytesIO(data), EP, max_lines=1000)

@@ -57,6 +57,9 @@ def make_app() -> Celery:
         beat_schedule={"sweep": {"task": SWEEP, "schedule": settings.sweep_interval_s}},
     )
     app.conf.include = ["workers.tasks"]
+    from workers.pool import PoolAnnouncer
+
+    app.steps["worker"].add(PoolAnnouncer)
     return app
 
 

@@ -11,6 +11,7 @@ from shared.blobs import BlobNotFound
 from shared.schemas import TERMINAL_STATUSES
 from workers.chunk import batch_input_key
 from workers.runtime import Runtime
+from workers.pool import pool_processes
 from workers.validation import LineError, chunk_size_for, plan_chunks, scan_input
 from workers.webhooks import batch_finished
 
@@ -91,6 +92,7 @@ def orchestrate(rt: Runtime, batch_id: str) -> list[int]:
         maximum=settings.chunk_max_requests,
         concurrency=provider.max_concurrency,
         waves=settings.chunk_waves,
+        processes=pool_processes(store.r),
     )
     if provider.rpm:
         # A rate-limited chunk must still finish well inside its time limit.

@@ -125,16 +125,22 @@ def scan_input(source: BinaryIO, endpoint: str, *, max_lines: int) -> ScanResult
 
 
 def chunk_size_for(total: int, *, target_chunks: int, minimum: int, maximum: int, concurrency: int = 1,
-                   waves: int = 0) -> int:
+                   waves: int = 0, processes: int = 0) -> int:
     """Requests per chunk: enough chunks to spread the batch, each at least `waves` x the senders of a process.
 
     A chunk's last wave drains with fewer requests in flight than the process could hold, so a chunk of only a few
     waves wastes a large share of its time; ten waves waste about 5% of it. The batch is then
-    cut into chunks of equal size.
+    cut into chunks of equal size, their number a multiple of the pool's `processes` when that keeps them big enough.
     """
     size = max(minimum, min(maximum, max(math.ceil(total / max(1, target_chunks)), waves * concurrency)))
+    count = math.ceil(max(1, total) / size)
+    if processes > 1 and count > 1:
+        # Whole rounds of the pool's processes, so none is left running a last chunk while the others idle.
+        rounded = math.ceil(count / processes) * processes
+        if math.ceil(total / rounded) >= minimum:
+            count = rounded
     # Equal chunks: a short last chunk would leave the processes that drew full ones finishing after the rest.
-    return max(1, math.ceil(total / math.ceil(max(1, total) / size)))
+    return max(1, math.ceil(total / count))
 
 
 def plan_chunks(scan: ScanResult, size: int) -> list[ChunkSpec]:
