@@ -14,7 +14,7 @@ from api.limits import RequestLimitsMiddleware
 from api.metrics import make_registry
 from api.openapi import install_openapi
 from api.request_id import RequestIdMiddleware
-from api.routes import admin, batches, files, health
+from api.routes import admin, batches, files, health, ui
 from shared.blobs import make_blob_store
 from shared.logs import configure_logging
 from shared.providers import ProviderRegistry
@@ -48,6 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_openapi(app)
     app.include_router(health.router)
     app.include_router(admin.router)
+    app.include_router(ui.router)
     # One implementation, mounted once per dialect: OpenAI, Portkey, AlphaEdge, mka1.
     for prefix in ("/v1", "", "/api/v1/llm"):
         app.include_router(files.router, prefix=prefix)

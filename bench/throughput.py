@@ -3,6 +3,7 @@
 Two upstreams: nginx answering at once (batchgate's own overhead) and answering after 100 ms (latency-bound; nginx
 with the echo module when installed, else the simulator).
 Usage: python -m bench.throughput [--requests 20000] [--processes 4] [--concurrency 256] [--latency-ms 100]
+       [--only zero|latency] [--upstream nginx|simulator]
 """
 
 from __future__ import annotations
@@ -44,13 +45,15 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=256, help="total in-flight requests")
     parser.add_argument("--latency-ms", type=float, default=100.0)
     parser.add_argument("--only", choices=["zero", "latency"], default=None)
+    parser.add_argument("--upstream", choices=["nginx", "simulator"], default="nginx",
+                        help="latency-bound upstream (nginx needs the echo module; else the simulator is used)")
     args = parser.parse_args()
     per_process = max(1, args.concurrency // args.processes)
     if args.only in (None, "zero"):
         with nginx_upstream() as base_url:
             measure("zero-latency (nginx)", args.requests, args.processes, per_process, upstream_base_url=base_url)
     if args.only in (None, "latency"):
-        if can_delay():
+        if args.upstream == "nginx" and can_delay():
             with nginx_upstream(args.latency_ms) as base_url:
                 measure(f"{args.latency_ms:g} ms (nginx)", args.requests, args.processes, per_process,
                         latency_ms=args.latency_ms, upstream_base_url=base_url)

@@ -1,0 +1,132 @@
+"""The web dashboard at /ui, driven in a real headless Chromium against a running deployment."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from stack import API_KEY, OTHER_API_KEY, chat_lines, submit, wait_terminal
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(os.environ.get("BATCHGATE_TEST_ARTIFACTS") or Path(__file__).resolve().parents[1] / "test-artifacts")
+SLOW_REQUESTS = 1500
+FAILING_REQUESTS = 12
+NOT_MARKUP = "<img id=injected src=x onerror=alert(1)>"
+
+
+@pytest.fixture
+def page():
+    """A fresh page in headless Chromium; skipped without a browser unless BATCHGATE_REQUIRE_BROWSER=1."""
+    missing = None if CHROMIUM.exists() else f"{CHROMIUM} is not installed"
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        missing = missing or "playwright is not installed"
+    if missing:
+        if os.environ.get("BATCHGATE_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"{missing}, and BATCHGATE_REQUIRE_BROWSER=1")
+        pytest.skip(missing)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"])
+        context = browser.new_context(viewport={"width": 1500, "height": 900}, accept_downloads=True)
+        context.set_default_timeout(15_000)
+        yield context.new_page()
+        browser.close()
+
+
+def test_dashboard_shows_live_progress_errors_and_downloads(make_stack, page):
+    from playwright.sync_api import expect
+
+    dep = make_stack(sim_latency_ms=200, upstream_max_concurrency=8, upstream_max_retries=0)
+    dep.start(workers=1, concurrency=2)
+    client = dep.client()
+
+    # Finished batches first, with no latency: one whose every request fails, one that succeeds,
+    # one refused at validation, and one of tenant B's.
+    dep.sim_config(latency_ms=0, error_rate=1.0)
+    failing = wait_terminal(client, submit(client, chat_lines(FAILING_REQUESTS, prefix="bad")).id)
+    dep.sim_config(error_rate=0)
+    done = wait_terminal(client, submit(client, chat_lines(5, prefix="ok"), metadata={"note": NOT_MARKUP}).id)
+    invalid = wait_terminal(client, submit(client, chat_lines(1) + b"{not json\n").id)
+    other_tenant = submit(dep.client(api_key=OTHER_API_KEY), chat_lines(3))
+    assert failing.request_counts.failed == FAILING_REQUESTS and failing.error_file_id
+    assert done.status == "completed" and done.output_file_id
+    assert invalid.status == "failed"
+    # And one slow enough to watch: 1,500 requests at 200 ms, at most 2 x 8 in flight.
+    dep.sim_config(latency_ms=200)
+    running = submit(client, chat_lines(SLOW_REQUESTS))
+
+    script_errors: list[str] = []
+    page.on("pageerror", lambda error: script_errors.append(str(error)))
+    ui = f"http://127.0.0.1:{dep.api_port}/ui"
+    page.goto(ui)
+    page.fill("#api-key", "sk-not-a-real-key-000")
+    page.click("#sign-in-button")
+    expect(page.locator("#error")).to_contain_text("Incorrect API key provided")
+    expect(page.locator("#sign-in")).to_be_visible()
+
+    page.fill("#api-key", API_KEY)
+    page.click("#sign-in-button")
+    row = page.locator(f'tr[data-batch-id="{running.id}"]')
+    expect(row).to_have_attribute("data-status", "in_progress", timeout=20_000)
+    expect(page.locator("tr.batch-row")).to_have_count(4)
+    assert page.locator(f'[data-batch-id="{other_tenant.id}"]').count() == 0
+    assert page.locator("tr.batch-row").first.get_attribute("data-batch-id") == running.id  # newest first
+
+    # Two captures a moment apart: the progress read from the page must have moved on.
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    progress = row.locator(".progress")
+
+    def capture(name: str) -> tuple[int, int]:
+        done_now, total = int(progress.get_attribute("data-done")), int(progress.get_attribute("data-total"))
+        page.screenshot(path=ARTIFACTS / name, full_page=True)
+        return done_now, total
+
+    first, total = capture("dashboard-1.png")
+    page.wait_for_timeout(2500)
+    second, _ = capture("dashboard-2.png")
+    assert total == SLOW_REQUESTS
+    assert 0 <= first < second <= total, (first, second)
+
+    # The failed batch's page lists its error lines; the refused one its validation errors.
+    page.click(f'tr[data-batch-id="{failing.id}"] a.batch-link')
+    expect(page.locator("#batch-view")).to_have_attribute("data-batch-id", failing.id)
+    lines = page.locator("#error-lines tr.error-line")
+    expect(lines).to_have_count(FAILING_REQUESTS)
+    assert {lines.nth(i).get_attribute("data-custom-id") for i in range(FAILING_REQUESTS)} == {
+        f"bad-{i}" for i in range(FAILING_REQUESTS)
+    }
+    expect(lines.first.locator("td").nth(1)).to_have_text("500")
+    page.screenshot(path=ARTIFACTS / "batch-errors.png", full_page=True)
+
+    page.goto(f"{ui}#/batches/{invalid.id}")
+    problems = page.locator("#validation-errors tr.validation-error")
+    expect(problems).to_have_count(1)
+    expect(problems.first).to_contain_text("invalid_json_line")
+
+    # Another tenant's batch, even by its id, is only the API's 404.
+    page.goto(f"{ui}#/batches/{other_tenant.id}")
+    expect(page.locator("#error")).to_contain_text(other_tenant.id)
+    expect(page.locator("#batch-view")).to_be_hidden()
+
+    # The output file downloads with the key, byte for byte.
+    page.goto(f"{ui}#/batches/{done.id}")
+    expect(page.locator("#batch-fields")).to_contain_text(NOT_MARKUP)  # shown as text, never parsed
+    assert page.locator("#injected").count() == 0
+    with page.expect_download() as download_info:
+        page.click('#batch-summary [data-kind="output"]')
+    download = download_info.value
+    assert download.suggested_filename == f"{done.id}_output.jsonl"
+    assert Path(download.path()).read_bytes() == client.files.content(done.output_file_id).read()
+
+    page.click("#sign-out")
+    expect(page.locator("#sign-in")).to_be_visible()
+    assert page.evaluate("sessionStorage.length") == 0
+    expect(page.locator("#batches tbody tr")).to_have_count(0)
+
+    assert script_errors == []
+    for name in ("dashboard-1.png", "dashboard-2.png", "batch-errors.png"):
+        assert (ARTIFACTS / name).stat().st_size > 0
