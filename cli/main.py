@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from cli import stack
+from cli import client, stack
 from shared.settings import DEV_API_KEY
 
 app = typer.Typer(help="batchgate: a self-hosted, OpenAI-compatible Batch API.", no_args_is_help=True)
@@ -72,6 +72,10 @@ def dev(
         typer.echo("stopping…")
     finally:
         group.stop_all()
+
+
+for _name, _command in client.COMMANDS.items():
+    app.command(_name)(_command)
 
 
 if __name__ == "__main__":
