@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from api.auth import authenticate
+from shared.async_store import AsyncBatchReader
 from shared.blobs import BlobStore
 from shared.errors import InvalidRequest
 from shared.providers import ProviderRegistry
@@ -17,23 +18,27 @@ from shared.store import Store
 MAX_END_USER_CHARS = 256
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_store(request: Request) -> Store:
+async def get_store(request: Request) -> Store:
     return request.app.state.store
 
 
-def get_blobs(request: Request) -> BlobStore:
+async def get_batch_reader(request: Request) -> AsyncBatchReader:
+    return request.app.state.batch_reader
+
+
+async def get_blobs(request: Request) -> BlobStore:
     return request.app.state.blobs
 
 
-def get_providers(request: Request) -> ProviderRegistry:
+async def get_providers(request: Request) -> ProviderRegistry:
     return request.app.state.providers
 
 
-def get_principal(request: Request) -> Principal:
+async def get_principal(request: Request) -> Principal:
     tenant = authenticate(request.app.state.keyring, request.headers)
     end_user = request.headers.get("x-on-behalf-of")
     if end_user is not None:
@@ -48,6 +53,7 @@ def get_principal(request: Request) -> Principal:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[Store, Depends(get_store)]
+BatchReaderDep = Annotated[AsyncBatchReader, Depends(get_batch_reader)]
 BlobsDep = Annotated[BlobStore, Depends(get_blobs)]
 ProvidersDep = Annotated[ProviderRegistry, Depends(get_providers)]
 PrincipalDep = Annotated[Principal, Depends(get_principal)]

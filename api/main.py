@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
 
 from fastapi import FastAPI
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
@@ -15,6 +18,7 @@ from api.metrics import make_registry
 from api.openapi import install_openapi
 from api.request_id import RequestIdMiddleware
 from api.routes import admin, batches, files, health, ui
+from shared.async_store import AsyncBatchReader
 from shared.blobs import make_blob_store
 from shared.logs import configure_logging
 from shared.providers import ProviderRegistry
@@ -26,16 +30,27 @@ log = logging.getLogger("batchgate.api")
 MULTIPART_OVERHEAD = 1024 * 1024
 
 
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    # Everything built so far lives as long as the process; keeping it out of the collector's generations
+    # spares each full collection from walking it (tens of ms otherwise, seen as the API's p99).
+    gc.freeze()
+    yield
+    await app.state.batch_reader.close()
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings)
     app = FastAPI(
+        lifespan=_lifespan,
         title="batchgate",
         version="0.1.0",
         description="A self-hosted, OpenAI-compatible Batch API.",
     )
     app.state.settings = settings
     app.state.store = Store.from_url(settings.redis_url)
+    app.state.batch_reader = AsyncBatchReader.from_url(settings.redis_url)
     app.state.blobs = make_blob_store(settings)
     app.state.keyring = KeyRing.from_settings(settings)
     app.state.providers = ProviderRegistry.from_settings(settings)
@@ -49,10 +64,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(admin.router)
     app.include_router(ui.router)
-    # One implementation, mounted once per dialect: OpenAI, Portkey, AlphaEdge, mka1.
+    # One implementation, mounted once per dialect: OpenAI, Portkey, AlphaEdge, mka1. OpenAI's batch routes come
+    # first: they are what clients poll, and routes are matched in order.
+    app.include_router(batches.batches_router(with_output=True), prefix="/v1")
     for prefix in ("/v1", "", "/api/v1/llm"):
         app.include_router(files.router, prefix=prefix)
-    app.include_router(batches.batches_router(with_output=True), prefix="/v1")
     app.include_router(batches.batches_router(with_output=True), prefix="")
     app.include_router(batches.batches_router("batch", default_window="24h"), prefix="/v1")
     app.include_router(batches.batches_router(), prefix="/api/v1/llm")

@@ -69,6 +69,7 @@ def main() -> None:
     with deployment(workers=1, concurrency=args.processes) as dep:
         api_pid = dep.group.procs["api"].pid
         api_before = psutil.Process(api_pid).memory_info().rss
+        redis_before = dep.store.r.info("memory")["used_memory"]
         sampler = PeakSampler({"api": api_pid, "worker": dep.group.procs["w1"].pid})
         sampler.start()
         seconds, batch = run_batch(dep, content)
@@ -78,6 +79,7 @@ def main() -> None:
             dep.client().files.content(batch.output_file_id).write_to_file(out)
             lines = sum(1 for _ in out.open("rb"))
         assert lines == args.requests, lines
+        redis_after = dep.store.r.info("memory")["used_memory"]
         sampler.done.set()
         sampler.join()
         sampler.sample()
@@ -86,6 +88,7 @@ def main() -> None:
     api_peak = sampler.peaks["api"]
     print(f"api: {api_before / MIB:.1f} MiB before, peak {api_peak / MIB:.1f} MiB, "
           f"growth {(api_peak - api_before) / MIB:.1f} MiB (target < 64)")
+    print(f"redis: used_memory grew {(redis_after - redis_before) / MIB:.2f} MiB for this batch and its files")
     for label, peak in sorted(sampler.peaks.items()):
         if label.startswith("worker"):
             print(f"{label}: peak {peak / MIB:.1f} MiB resident (target < 256)")

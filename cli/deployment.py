@@ -21,7 +21,8 @@ class Deployment:
     """
 
     def __init__(self, root: Path, *, sim_latency_ms: float = 0.0, appendonly: bool = False,
-                 api_key: str = "sk-batchgate-dev", env: dict[str, str] | None = None, **settings: object) -> None:
+                 api_key: str = "sk-batchgate-dev", env: dict[str, str] | None = None, api_workers: int = 1,
+                 **settings: object) -> None:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
         self.redis_port = stack.free_port()
@@ -31,6 +32,7 @@ class Deployment:
         self.sim_latency_ms = sim_latency_ms
         self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
         self.api_key = api_key
+        self.api_workers = api_workers
         base = {
             "BATCHGATE_REDIS_URL": self.redis_url,
             "BATCHGATE_DATA_DIR": str(root / "data"),
@@ -55,7 +57,7 @@ class Deployment:
         stack.wait_for_http(f"http://127.0.0.1:{self.sim_port}/health")
 
     def start_api(self) -> None:
-        self.group.start("api", stack.api_command(self.api_port))
+        self.group.start("api", stack.api_command(self.api_port, self.api_workers))
         stack.wait_for_http(f"http://127.0.0.1:{self.api_port}/healthz")
 
     def start_worker(self, name: str = "w1", concurrency: int = 2, env: dict[str, str] | None = None) -> subprocess.Popen:

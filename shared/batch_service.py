@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from shared.async_store import AsyncBatchReader
 from shared.errors import (
     Conflict,
     InvalidRequest,
@@ -148,21 +149,32 @@ def create_batch(
     return batch
 
 
-def get_batch(store: Store, scope: str, batch_id: str) -> Batch:
-    if store.batch_scope(batch_id) != scope:
-        raise NotFound(f"No such Batch object: {batch_id}", param="id", code="batch_not_found")
-    batch = store.get_batch(batch_id)
+def found(batch: Batch | None, batch_id: str) -> Batch:
+    """The batch, or the 404 an unknown id and another scope's id alike answer."""
     if batch is None:
         raise NotFound(f"No such Batch object: {batch_id}", param="id", code="batch_not_found")
     return batch
 
 
-def list_batches(store: Store, scope: str, *, limit: int | None, after: str | None) -> ListPage[Batch]:
+def get_batch(store: Store, scope: str, batch_id: str) -> Batch:
+    return found(store.get_batches([batch_id], scope)[0], batch_id)
+
+
+async def read_batch(reader: AsyncBatchReader, scope: str, batch_id: str) -> Batch:
+    return found(await reader.get_batch(batch_id, scope), batch_id)
+
+
+def list_limit(limit: int | None) -> int:
     limit = BATCHES_LIST_DEFAULT if limit is None else limit
     if not 1 <= limit <= BATCHES_LIST_MAX:
         raise invalid_parameter("limit", f"Invalid 'limit': must be between 1 and {BATCHES_LIST_MAX}.")
-    page = store.list_batch_ids(scope, limit, after)
-    batches = [b for b in store.get_batches(page.ids) if b is not None]
+    return limit
+
+
+async def list_batches(reader: AsyncBatchReader, scope: str, *, limit: int | None, after: str | None
+                       ) -> ListPage[Batch]:
+    page = await reader.list_batch_ids(scope, list_limit(limit), after)
+    batches = [b for b in await reader.get_batches(page.ids, scope) if b is not None]
     return ListPage[Batch](
         data=batches,
         first_id=batches[0].id if batches else None,

@@ -10,7 +10,7 @@ import logging
 import re
 from contextvars import ContextVar
 
-from pythonjsonlogger.json import JsonFormatter
+from pythonjsonlogger.orjson import OrjsonFormatter
 
 from shared.settings import Settings
 
@@ -66,7 +66,7 @@ def known_secrets(settings: Settings) -> list[str]:
 def configure_logging(settings: Settings) -> None:
     handler = logging.StreamHandler()
     if settings.log_format == "json":
-        handler.setFormatter(JsonFormatter(
+        handler.setFormatter(OrjsonFormatter(
             "%(asctime)s %(levelname)s %(name)s %(message)s %(request_id)s %(batch_id)s",
             rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
         ))

@@ -29,6 +29,11 @@ def file_key(file_id: str) -> str:
     return f"{PREFIX}:file:{file_id}"
 
 
+def batch_index_key(scope: str) -> str:
+    """A scope's batches, scored by creation sequence."""
+    return f"{PREFIX}:batches:{_scope_tag(scope)}"
+
+
 def batch_key(batch_id: str) -> str:
     return f"{PREFIX}:batch:{batch_id}"
 
@@ -85,13 +90,10 @@ class Store:
     # ---- pagination -------------------------------------------------------------------------------------------
 
     def _page(self, index: str, limit: int, after: str | None, descending: bool) -> Page:
-        if after is not None:
-            score = self.r.zscore(index, after)
-            if score is None:
-                return Page([], False)
-            bound = f"({int(score)}"
-        else:
-            bound = "+inf" if descending else "-inf"
+        score = self.r.zscore(index, after) if after is not None else None
+        if after is not None and score is None:
+            return Page([], False)
+        bound = page_bound(score, descending)
         if descending:
             ids = self.r.zrevrangebyscore(index, bound, "-inf", start=0, num=limit + 1)
         else:
@@ -154,9 +156,6 @@ class Store:
 
     # ---- batches ----------------------------------------------------------------------------------------------
 
-    def _batch_index(self, scope: str) -> str:
-        return f"{PREFIX}:batches:{_scope_tag(scope)}"
-
     def put_batch(self, batch: Batch, scope: str, extra: dict[str, str]) -> None:
         seq = self.next_seq()
         fields = {
@@ -173,12 +172,9 @@ class Store:
         }
         pipe = self.r.pipeline(transaction=True)
         pipe.hset(batch_key(batch.id), mapping=fields)
-        pipe.zadd(self._batch_index(scope), {batch.id: seq})
+        pipe.zadd(batch_index_key(scope), {batch.id: seq})
         pipe.zadd(ACTIVE_BATCHES, {batch.id: batch.created_at})
         pipe.execute()
-
-    def batch_scope(self, batch_id: str) -> str | None:
-        return self.r.hget(batch_key(batch_id), "scope")
 
     def batch_fields(self, batch_id: str) -> dict[str, str]:
         return self.r.hgetall(batch_key(batch_id))
@@ -186,21 +182,11 @@ class Store:
     def get_batch(self, batch_id: str) -> Batch | None:
         return self.get_batches([batch_id])[0]
 
-    def get_batches(self, batch_ids: list[str]) -> list[Batch | None]:
+    def get_batches(self, batch_ids: list[str], scope: str | None = None) -> list[Batch | None]:
+        """The batches, None for each that does not exist (or, given `scope`, lies outside it); one round trip."""
         pipe = self.r.pipeline(transaction=False)
-        for batch_id in batch_ids:
-            pipe.hgetall(batch_key(batch_id))
-            pipe.hvals(f"{batch_key(batch_id)}:counts")
-            pipe.hvals(f"{batch_key(batch_id)}:progress")
-        raw = pipe.execute()
-        out: list[Batch | None] = []
-        for i, batch_id in enumerate(batch_ids):
-            fields, committed, progress = raw[3 * i : 3 * i + 3]
-            out.append(batch_from_fields(batch_id, fields, committed, progress) if fields else None)
-        return out
-
-    def list_batch_ids(self, scope: str, limit: int, after: str | None) -> Page:
-        return self._page(self._batch_index(scope), limit, after, descending=True)
+        queue_batch_reads(pipe, batch_ids)
+        return decode_batch_reads(batch_ids, pipe.execute(), scope)
 
     def set_batch_fields(self, batch_id: str, fields: dict[str, str]) -> None:
         self.r.hset(batch_key(batch_id), mapping=fields)
@@ -294,6 +280,30 @@ class Store:
         for index in indexes:
             pipe.exists(f"{batch_key(batch_id)}:lease:{index}")
         return [bool(x) for x in pipe.execute()]
+
+
+def page_bound(after_score: float | None, descending: bool) -> str:
+    """Where a page starts: just past the cursor's score, else at the newest (or oldest) end."""
+    if after_score is not None:
+        return f"({int(after_score)}"
+    return "+inf" if descending else "-inf"
+
+
+def queue_batch_reads(pipe, batch_ids: list[str]) -> None:
+    """Queue what a Batch is built from on a pipeline, sync or asyncio alike: its hash, committed and live counts."""
+    for batch_id in batch_ids:
+        pipe.hgetall(batch_key(batch_id))
+        pipe.hvals(f"{batch_key(batch_id)}:counts")
+        pipe.hvals(f"{batch_key(batch_id)}:progress")
+
+
+def decode_batch_reads(batch_ids: list[str], raw: list, scope: str | None = None) -> list[Batch | None]:
+    out: list[Batch | None] = []
+    for i, batch_id in enumerate(batch_ids):
+        fields, committed, progress = raw[3 * i : 3 * i + 3]
+        visible = bool(fields) and (scope is None or fields.get("scope") == scope)
+        out.append(batch_from_fields(batch_id, fields, committed, progress) if visible else None)
+    return out
 
 
 def _sum_counts(committed: list[str], progress: list[str]) -> tuple[int, int]:

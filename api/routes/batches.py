@@ -2,10 +2,11 @@ from __future__ import annotations
 
 import orjson
 from fastapi import APIRouter, Request
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
-from starlette.responses import StreamingResponse
+from starlette.responses import Response, StreamingResponse
 
-from api.deps import BlobsDep, PrincipalDep, ProvidersDep, SettingsDep, StoreDep
+from api.deps import BatchReaderDep, BlobsDep, PrincipalDep, ProvidersDep, SettingsDep, StoreDep
 from shared import batch_service, file_service
 from shared.errors import InvalidRequest, NotFound
 from shared.queue import enqueue_orchestrate
@@ -25,6 +26,12 @@ async def _json_body(request: Request) -> object:
         raise InvalidRequest(
             "We could not parse the JSON body of your request. Send a JSON object.", code="invalid_json"
         ) from None
+
+
+def model_response(model: BaseModel) -> Response:
+    """A model built and validated by the service, serialized once: the routes clients poll skip FastAPI's second
+    validation of their response. `response_model` still documents them."""
+    return Response(model.model_dump_json(), media_type="application/json")
 
 
 def requested_provider(request: Request) -> str | None:
@@ -60,13 +67,13 @@ def batches_router(collection: str = "batches", *, default_window: str | None = 
         return batch
 
     @router.get(f"/{collection}", response_model=ListPage[Batch])
-    def list_batches(principal: PrincipalDep, store: StoreDep, limit: int | None = None,
-                     after: str | None = None) -> ListPage[Batch]:
-        return batch_service.list_batches(store, principal.scope, limit=limit, after=after)
+    async def list_batches(principal: PrincipalDep, reader: BatchReaderDep, limit: int | None = None,
+                           after: str | None = None) -> Response:
+        return model_response(await batch_service.list_batches(reader, principal.scope, limit=limit, after=after))
 
     @router.get(f"/{collection}/{{batch_id}}", response_model=Batch)
-    def retrieve_batch(batch_id: str, principal: PrincipalDep, store: StoreDep) -> Batch:
-        return batch_service.get_batch(store, principal.scope, batch_id)
+    async def retrieve_batch(batch_id: str, principal: PrincipalDep, reader: BatchReaderDep) -> Response:
+        return model_response(await batch_service.read_batch(reader, principal.scope, batch_id))
 
     @router.post(f"/{collection}/{{batch_id}}/cancel", response_model=Batch)
     def cancel_batch(batch_id: str, principal: PrincipalDep, store: StoreDep) -> Batch:

@@ -4,16 +4,16 @@ from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
-from api.deps import StoreDep
+from api.deps import BatchReaderDep
 from shared.errors import ServiceUnavailable
 
 router = APIRouter(include_in_schema=False)
 
 
 @router.get("/healthz")
-def healthz(store: StoreDep) -> dict:
+async def healthz(reader: BatchReaderDep) -> dict:
     try:
-        store.r.ping()
+        await reader.r.ping()
     except Exception:  # noqa: BLE001
         raise ServiceUnavailable("Redis is not reachable.") from None
     return {"status": "ok"}

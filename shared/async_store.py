@@ -1,0 +1,39 @@
+"""The API's non-blocking reads of batches, the routes clients poll: one asyncio Redis round trip a retrieve.
+
+Writes stay in `Store`; these reads share its key layout and decoding, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+
+from shared.schemas import Batch
+from shared.store import Page, batch_index_key, decode_batch_reads, page_bound, queue_batch_reads
+
+
+class AsyncBatchReader:
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.r = client
+
+    @classmethod
+    def from_url(cls, url: str) -> "AsyncBatchReader":
+        return cls(aioredis.Redis.from_url(url, decode_responses=True, health_check_interval=30))
+
+    async def get_batches(self, batch_ids: list[str], scope: str | None = None) -> list[Batch | None]:
+        pipe = self.r.pipeline(transaction=False)
+        queue_batch_reads(pipe, batch_ids)
+        return decode_batch_reads(batch_ids, await pipe.execute(), scope)
+
+    async def get_batch(self, batch_id: str, scope: str) -> Batch | None:
+        return (await self.get_batches([batch_id], scope))[0]
+
+    async def list_batch_ids(self, scope: str, limit: int, after: str | None) -> Page:
+        index = batch_index_key(scope)
+        score = await self.r.zscore(index, after) if after is not None else None
+        if after is not None and score is None:
+            return Page([], False)
+        ids = await self.r.zrevrangebyscore(index, page_bound(score, True), "-inf", start=0, num=limit + 1)
+        return Page(ids[:limit], len(ids) > limit)
+
+    async def close(self) -> None:
+        await self.r.aclose()
