@@ -7,7 +7,6 @@ each worker process is reported at its peak. Usage: python -m bench.memory [--re
 from __future__ import annotations
 
 import argparse
-import io
 import tempfile
 import threading
 import time

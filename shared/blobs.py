@@ -24,7 +24,6 @@ class BlobStore(Protocol):
     def put(self, key: str, data: bytes) -> None: ...
     def open(self, key: str) -> BinaryIO: ...
     def read_range(self, key: str, start: int, end: int) -> bytes: ...
-    def iter_bytes(self, key: str, buffer: int = COPY_BUFFER) -> Iterator[bytes]: ...
     def size(self, key: str) -> int: ...
     def exists(self, key: str) -> bool: ...
     def delete(self, key: str) -> None: ...
@@ -35,6 +34,13 @@ class BlobStore(Protocol):
 
 class BlobNotFound(FileNotFoundError):
     pass
+
+
+def iter_blob(store: BlobStore, key: str, buffer: int = COPY_BUFFER) -> Iterator[bytes]:
+    """A blob's bytes in blocks, from any store."""
+    with store.open(key) as fh:
+        while block := fh.read(buffer):
+            yield block
 
 
 class LocalBlobStore:
@@ -80,11 +86,6 @@ class LocalBlobStore:
             fh.seek(start)
             return fh.read(end - start)
 
-    def iter_bytes(self, key: str, buffer: int = COPY_BUFFER) -> Iterator[bytes]:
-        with self.open(key) as fh:
-            while block := fh.read(buffer):
-                yield block
-
     def size(self, key: str) -> int:
         try:
             return self._path(key).stat().st_size
@@ -122,10 +123,9 @@ class LocalBlobStore:
         written = 0
         with self.writer(dest) as out:
             for key in keys:
-                with self.open(key) as fh:
-                    while block := fh.read(COPY_BUFFER):
-                        out.write(block)
-                        written += len(block)
+                for block in iter_blob(self, key):
+                    out.write(block)
+                    written += len(block)
         return written
 
 

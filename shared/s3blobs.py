@@ -16,7 +16,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from shared.blobs import COPY_BUFFER, BlobNotFound
+from shared.blobs import BlobNotFound, iter_blob
 
 MIN_PART_SIZE = 5 * 1024 * 1024  # S3 rejects smaller parts, except the last
 DEFAULT_PART_SIZE = 8 * 1024 * 1024
@@ -231,11 +231,6 @@ class S3BlobStore:
         with got["Body"] as body:
             return body.read()
 
-    def iter_bytes(self, key: str, buffer: int = COPY_BUFFER) -> Iterator[bytes]:
-        with self.open(key) as fh:
-            while block := fh.read(buffer):
-                yield block
-
     def size(self, key: str) -> int:
         try:
             return int(self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"])
@@ -298,7 +293,7 @@ class S3BlobStore:
         written = 0
         with self.writer(dest) as out:
             for key in keys:
-                for block in self.iter_bytes(key):
+                for block in iter_blob(self, key):
                     out.write(block)
                     written += len(block)
         return written

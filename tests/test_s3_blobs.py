@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from shared import s3blobs
-from shared.blobs import BlobNotFound, LocalBlobStore
+from shared.blobs import BlobNotFound, LocalBlobStore, iter_blob
 from shared.s3blobs import MIN_PART_SIZE, S3BlobStore, ensure_bucket
 
 MiB = 1024 * 1024
@@ -55,7 +55,7 @@ def test_put_open_round_trip(store):
     with store.open("files/a.jsonl") as fh:
         assert fh.read(3) == b'{"a'
         assert fh.read() == b'": 1}\n{"b": 2}\nlast'
-    assert b"".join(store.iter_bytes("files/a.jsonl", buffer=4)) == b'{"a": 1}\n{"b": 2}\nlast'
+    assert b"".join(iter_blob(store, "files/a.jsonl", buffer=4)) == b'{"a": 1}\n{"b": 2}\nlast'
 
 
 def test_open_iterates_lines_like_a_file(store, tmp_path):
@@ -91,7 +91,7 @@ def test_writer_multipart_is_exact_and_invisible_until_exit(store):
         assert _pending_uploads(store), "more than one part should have started a multipart upload"
         assert not store.exists("big.bin")
     assert store.size("big.bin") == len(payload)
-    assert b"".join(store.iter_bytes("big.bin")) == payload
+    assert b"".join(iter_blob(store, "big.bin")) == payload
     assert not _pending_uploads(store)
 
 
@@ -160,7 +160,7 @@ def test_size_exists_delete_and_missing(store):
     store.delete("x/y")
     store.delete("x/y")
     assert not store.exists("x/y")
-    for call in (store.size, store.open, lambda k: list(store.iter_bytes(k))):
+    for call in (store.size, store.open, lambda k: list(iter_blob(store, k))):
         with pytest.raises(BlobNotFound):
             call("x/y")
     with pytest.raises(FileNotFoundError):
@@ -220,7 +220,7 @@ def test_link_multipart_copy(store, monkeypatch):
     store.link("big-src", "big-dst")
     store.delete("big-src")
     assert store.size("big-dst") == len(payload)
-    assert b"".join(store.iter_bytes("big-dst")) == payload
+    assert b"".join(iter_blob(store, "big-dst")) == payload
 
 
 def test_concat(store):
@@ -231,7 +231,7 @@ def test_concat(store):
     expected = b"".join(pieces)
     assert store.concat(keys, "joined") == len(expected)
     assert store.size("joined") == len(expected)
-    assert b"".join(store.iter_bytes("joined")) == expected
+    assert b"".join(iter_blob(store, "joined")) == expected
     assert store.concat(["parts/2", "parts/6"], "small") == 6
     assert store.open("small").read() == b"tiny\nz"
     assert store.concat([], "none") == 0 and store.size("none") == 0
