@@ -25,6 +25,7 @@ bench: venv
 	$(BIN)/python -m bench.scale
 	$(BIN)/python -m bench.memory
 	$(BIN)/python -m bench.api
+	$(BIN)/python -m bench.ratelimit
 
 clean:
 	rm -rf $(VENV) data .pytest_cache *.egg-info
