@@ -37,6 +37,11 @@ class RequestLimitsMiddleware:
                           "request_too_large")(scope, receive, send)
             return
 
+        chunked = any(k == b"transfer-encoding" for k, _ in headers)
+        if not chunked and (declared is None or declared == b"0"):
+            await self.app(scope, receive, send)  # no body to wait for (most GETs): nothing to time
+            return
+
         async def receive_with_timeout() -> Message:
             try:
                 return await asyncio.wait_for(receive(), self.timeout_s)
