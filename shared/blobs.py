@@ -28,7 +28,6 @@ class BlobStore(Protocol):
     def exists(self, key: str) -> bool: ...
     def delete(self, key: str) -> None: ...
     def delete_prefix(self, prefix: str) -> None: ...
-    def concat(self, keys: Iterable[str], dest: str) -> int: ...
     def link(self, src: str, dest: str) -> None: ...
 
 
@@ -41,6 +40,18 @@ def iter_blob(store: BlobStore, key: str, buffer: int = COPY_BUFFER) -> Iterator
     with store.open(key) as fh:
         while block := fh.read(buffer):
             yield block
+
+
+def concat_blobs(store: BlobStore, keys: Iterable[str], dest: str) -> int:
+    """Join blobs in order into `dest`, streaming through one writer (one multipart upload on S3); returns the
+    bytes written. Memory stays at a block (a part on S3) whatever the sizes."""
+    written = 0
+    with store.writer(dest) as out:
+        for key in keys:
+            for block in iter_blob(store, key):
+                out.write(block)
+                written += len(block)
+    return written
 
 
 class LocalBlobStore:
@@ -118,15 +129,6 @@ class LocalBlobStore:
             shutil.copyfile(source, tmp)
         os.replace(tmp, target)
 
-    def concat(self, keys: Iterable[str], dest: str) -> int:
-        """Join blobs in order into `dest`, streaming; returns the bytes written."""
-        written = 0
-        with self.writer(dest) as out:
-            for key in keys:
-                for block in iter_blob(self, key):
-                    out.write(block)
-                    written += len(block)
-        return written
 
 
 def make_blob_store(settings: "Settings") -> BlobStore:

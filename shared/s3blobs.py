@@ -9,14 +9,14 @@ from __future__ import annotations
 import io
 import os
 from contextlib import contextmanager
-from typing import Any, BinaryIO, Iterable, Iterator
+from typing import Any, BinaryIO, Iterator
 
 import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from shared.blobs import BlobNotFound, iter_blob
+from shared.blobs import BlobNotFound
 
 MIN_PART_SIZE = 5 * 1024 * 1024  # S3 rejects smaller parts, except the last
 DEFAULT_PART_SIZE = 8 * 1024 * 1024
@@ -288,15 +288,6 @@ class S3BlobStore:
                 raise BlobNotFound(src) from exc
             raise
 
-    def concat(self, keys: Iterable[str], dest: str) -> int:
-        """Join blobs in order into `dest`, streaming through one multipart upload; returns the bytes written."""
-        written = 0
-        with self.writer(dest) as out:
-            for key in keys:
-                for block in iter_blob(self, key):
-                    out.write(block)
-                    written += len(block)
-        return written
 
 
 def ensure_bucket(store: S3BlobStore) -> None:

@@ -11,6 +11,7 @@ import time
 
 import orjson
 
+from shared.blobs import concat_blobs
 from shared.file_service import file_blob_key
 from shared.ids import derived_file_id
 from shared.schemas import TERMINAL_STATUSES, FileObject
@@ -32,7 +33,7 @@ def _register(rt: Runtime, batch_id: str, kind: str, parts: list[str], scope: st
     if not parts:
         return None
     file_id = derived_file_id(batch_id, kind)
-    size = rt.blobs.concat(parts, file_blob_key(file_id))
+    size = concat_blobs(rt.blobs, parts, file_blob_key(file_id))
     file = FileObject(
         id=file_id, bytes=size, created_at=now, expires_at=now + ttl, filename=f"{batch_id}_{kind}.jsonl",
         purpose="batch_output",
