@@ -33,7 +33,7 @@ class AsyncBatchReader:
         if after is not None and score is None:
             return Page([], False)
         ids = await self.r.zrevrangebyscore(index, page_bound(score, True), "-inf", start=0, num=limit + 1)
-        return Page(ids[:limit], len(ids) > limit)
+        return Page.of(ids, limit)
 
     async def close(self) -> None:
         await self.r.aclose()

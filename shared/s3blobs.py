@@ -289,7 +289,6 @@ class S3BlobStore:
             raise
 
 
-
 def ensure_bucket(store: S3BlobStore) -> None:
     """Create the store's bucket unless it exists (for tests and development setups)."""
     client = store.client

@@ -70,6 +70,11 @@ class Page:
     ids: list[str]
     has_more: bool
 
+    @classmethod
+    def of(cls, ids: list[str], limit: int) -> "Page":
+        """A page from `limit + 1` ids read: the extra one only says there are more."""
+        return cls(ids[:limit], len(ids) > limit)
+
 
 class Store:
     def __init__(self, client: redis.Redis) -> None:
@@ -98,7 +103,7 @@ class Store:
             ids = self.r.zrevrangebyscore(index, bound, "-inf", start=0, num=limit + 1)
         else:
             ids = self.r.zrangebyscore(index, bound, "+inf", start=0, num=limit + 1)
-        return Page(ids[:limit], len(ids) > limit)
+        return Page.of(ids, limit)
 
     # ---- files ------------------------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from shared.queue import (
     transport_options,
 )
 from shared.settings import get_settings
+from workers.pool import PoolAnnouncer
 
 
 def make_app() -> Celery:
@@ -57,8 +58,6 @@ def make_app() -> Celery:
         beat_schedule={"sweep": {"task": SWEEP, "schedule": settings.sweep_interval_s}},
     )
     app.conf.include = ["workers.tasks"]
-    from workers.pool import PoolAnnouncer
-
     app.steps["worker"].add(PoolAnnouncer)
     return app
 
@@ -84,7 +83,7 @@ def _unbind_batch(**_: object) -> None:
 
 @worker_process_init.connect
 def _open_process(**_: object) -> None:
-    # Build the process's loop, pools and Redis connection now, so a batch's first chunk does not wait for them.
+    # Build the process's runtime (event loop, providers, Redis connection) now, not in a batch's first chunk.
     from workers.runtime import get_runtime
 
     get_runtime().warm_up()

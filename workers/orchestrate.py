@@ -10,8 +10,8 @@ import orjson
 from shared.blobs import BlobNotFound
 from shared.schemas import TERMINAL_STATUSES
 from workers.chunk import batch_input_key
-from workers.runtime import Runtime
 from workers.pool import pool_processes
+from workers.runtime import Runtime
 from workers.validation import LineError, chunk_size_for, plan_chunks, scan_input
 from workers.webhooks import batch_finished
 
