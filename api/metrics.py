@@ -14,7 +14,7 @@ from prometheus_client.core import (
 
 from shared import metrics
 from shared.queue import CHUNKS_QUEUE, CONTROL_QUEUE
-from shared.schemas import ACTIVE_STATUSES
+from shared.lifecycle import ACTIVE as ACTIVE_STATUSES
 from shared.store import Store
 
 _COUNTERS = {
@@ -31,8 +31,7 @@ class RedisCollector:
         self.store = store
 
     def collect(self):
-        r = self.store.r
-        counters = r.hgetall(metrics.COUNTERS)
+        counters = self.store.metric_counters()
         by_name: dict[str, dict[str, int]] = defaultdict(dict)
         for key, value in counters.items():
             name, _, label = key.partition("|")
@@ -65,29 +64,25 @@ class RedisCollector:
             repairs.add_metric([kind], value)
         yield repairs
 
-        yield from self._active(r)
-        yield from self._latency(r)
+        yield from self._active()
+        yield from self._latency()
 
-    def _active(self, r):
-        active = r.zrange("bg:active", 0, -1, withscores=True)
-        pipe = r.pipeline(transaction=False)
-        for batch_id, _ in active:
-            pipe.hget(f"bg:batch:{batch_id}", "status")
-        statuses = pipe.execute() if active else []
+    def _active(self):
+        statuses, oldest_created = self.store.active_statuses()
         gauge = GaugeMetricFamily("batchgate_batches_active", "Batches not yet finished, by status", labels=["status"])
         for status in sorted(ACTIVE_STATUSES):
             gauge.add_metric([status], sum(1 for s in statuses if s == status))
         yield gauge
         oldest = GaugeMetricFamily("batchgate_oldest_active_batch_age_seconds", "Age of the oldest unfinished batch")
-        oldest.add_metric([], max(0.0, time.time() - active[0][1]) if active else 0.0)
+        oldest.add_metric([], max(0.0, time.time() - oldest_created) if oldest_created is not None else 0.0)
         yield oldest
         depth = GaugeMetricFamily("batchgate_queue_depth", "Messages waiting in a Celery queue", labels=["queue"])
         for queue in (CHUNKS_QUEUE, CONTROL_QUEUE):
-            depth.add_metric([queue], r.llen(queue))
+            depth.add_metric([queue], self.store.queue_depth(queue))
         yield depth
 
-    def _latency(self, r):
-        raw = r.hgetall(metrics.LATENCY)
+    def _latency(self):
+        raw = self.store.latency_histogram()
         per_provider: dict[str, dict[str, int]] = defaultdict(dict)
         for key, value in raw.items():
             provider, _, part = key.partition("|")

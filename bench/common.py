@@ -11,7 +11,7 @@ from typing import Iterator
 
 import orjson
 
-from cli.deployment import Deployment
+from bench.deployment import Deployment
 
 TERMINAL = {"completed", "failed", "expired", "cancelled"}
 

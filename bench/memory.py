@@ -68,7 +68,7 @@ def main() -> None:
     with deployment(workers=1, concurrency=args.processes) as dep:
         api_pid = dep.group.procs["api"].pid
         api_before = psutil.Process(api_pid).memory_info().rss
-        redis_before = dep.store.r.info("memory")["used_memory"]
+        redis_before = dep.store.memory_used()
         sampler = PeakSampler({"api": api_pid, "worker": dep.group.procs["w1"].pid})
         sampler.start()
         seconds, batch = run_batch(dep, content)
@@ -78,7 +78,7 @@ def main() -> None:
             dep.client().files.content(batch.output_file_id).write_to_file(out)
             lines = sum(1 for _ in out.open("rb"))
         assert lines == args.requests, lines
-        redis_after = dep.store.r.info("memory")["used_memory"]
+        redis_after = dep.store.memory_used()
         sampler.done.set()
         sampler.join()
         sampler.sample()

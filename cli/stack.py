@@ -53,8 +53,8 @@ def api_command(port: int, workers: int = 1) -> list[str]:
             "--workers", str(workers), "--no-access-log", "--log-level", "warning"]
 
 
-def worker_command(concurrency: int = 2, name: str = "worker") -> list[str]:
-    return [PYTHON, "-m", "celery", "-A", "workers.celery_app", "worker", "-P", "prefork", "-c", str(concurrency),
+def worker_command(concurrency: int = 2, name: str = "worker", app: str = "workers.celery_app") -> list[str]:
+    return [PYTHON, "-m", "celery", "-A", app, "worker", "-P", "prefork", "-c", str(concurrency),
             "-Q", "control,chunks", "-n", f"{name}@%h", "-O", "fair", "--without-gossip", "--without-mingle",
             "--loglevel", "WARNING"]
 

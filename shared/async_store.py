@@ -8,7 +8,8 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 
 from shared.schemas import Batch
-from shared.store import Page, batch_index_key, decode_batch_reads, page_bound, queue_batch_reads
+from shared import keys
+from shared.store import Page, decode_batch_reads, page_bound, queue_batch_reads
 
 
 class AsyncBatchReader:
@@ -28,12 +29,15 @@ class AsyncBatchReader:
         return (await self.get_batches([batch_id], scope))[0]
 
     async def list_batch_ids(self, scope: str, limit: int, after: str | None) -> Page:
-        index = batch_index_key(scope)
+        index = keys.batches_index(scope)
         score = await self.r.zscore(index, after) if after is not None else None
         if after is not None and score is None:
             return Page([], False)
         ids = await self.r.zrevrangebyscore(index, page_bound(score, True), "-inf", start=0, num=limit + 1)
         return Page.of(ids, limit)
+
+    async def ping(self) -> bool:
+        return bool(await self.r.ping())
 
     async def close(self) -> None:
         await self.r.aclose()

@@ -15,6 +15,7 @@ from shared.errors import (
     missing_parameter,
 )
 from shared.ids import new_batch_id
+from shared.lifecycle import NO_OP, VALIDATING, BatchRecord, BatchSpec, BatchState, Lifecycle
 from shared.providers import ProviderRegistry
 from shared.schemas import SUPPORTED_ENDPOINTS, Batch, ListPage
 from shared.scope import Principal
@@ -27,7 +28,6 @@ METADATA_MAX_PAIRS = 16
 METADATA_MAX_KEY = 64
 METADATA_MAX_VALUE = 512
 COMPLETION_WINDOWS = ("24h",)
-CANCELLABLE = ("validating", "in_progress")
 
 
 def validate_metadata(metadata: Any) -> dict[str, str] | None:
@@ -130,22 +130,20 @@ def create_batch(
         )
 
     now = int(time.time())
-    batch = Batch(
+    spec = BatchSpec(
         id=new_batch_id(),
+        tenant=principal.tenant,
+        scope=scope,
         endpoint=endpoint,
         input_file_id=input_file_id,
         completion_window=window,
-        status="validating",
         created_at=now,
         expires_at=now + settings.completion_window_s,
         metadata=metadata,
+        output_ttl_s=output_ttl,
     )
-    extra = {"total": "0", "tenant": principal.tenant}
-    if output_ttl is not None:
-        extra["output_ttl"] = str(output_ttl)
-    if provider:
-        extra["provider"] = provider
-    store.put_batch(batch, scope, extra)
+    store.put_batch(spec, provider)
+    batch = BatchRecord(spec, BatchState(status=VALIDATING, updated_at=now)).to_batch(0, 0)
     return batch
 
 
@@ -185,9 +183,8 @@ async def list_batches(reader: AsyncBatchReader, scope: str, *, limit: int | Non
 
 def cancel_batch(store: Store, scope: str, batch_id: str) -> Batch:
     get_batch(store, scope, batch_id)
-    moved, status = store.transition(
-        batch_id, CANCELLABLE, "cancelling", int(time.time()), timestamp_field="cancelling_at"
-    )
-    if not moved and status not in ("cancelling", "cancelled"):
-        raise Conflict(f"Cannot cancel a batch with status '{status}'.")
+    # A cancel is never a terminal move, so the lifecycle needs none of the terminal side effects' settings here.
+    outcome = Lifecycle(store, cleanup_delay_s=0).cancel(batch_id, time.time())
+    if not outcome.moved and outcome.status not in NO_OP["cancel"]:
+        raise Conflict(f"Cannot cancel a batch with status '{outcome.status}'.")
     return get_batch(store, scope, batch_id)

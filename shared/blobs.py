@@ -11,7 +11,7 @@ import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Iterable, Iterator, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Iterator, Protocol
 
 if TYPE_CHECKING:
     from shared.settings import Settings
@@ -42,12 +42,16 @@ def iter_blob(store: BlobStore, key: str, buffer: int = COPY_BUFFER) -> Iterator
             yield block
 
 
-def concat_blobs(store: BlobStore, keys: Iterable[str], dest: str) -> int:
+def concat_blobs(store: BlobStore, keys: Iterable[str], dest: str, on_blob: Callable[[], object] | None = None
+                 ) -> int:
     """Join blobs in order into `dest`, streaming through one writer (one multipart upload on S3); returns the
-    bytes written. Memory stays at a block (a part on S3) whatever the sizes."""
+    bytes written. Memory stays at a block (a part on S3) whatever the sizes. `on_blob` is called before each blob
+    (a long join keeps its lease alive with it). A missing blob raises BlobNotFound and leaves `dest` unwritten."""
     written = 0
     with store.writer(dest) as out:
         for key in keys:
+            if on_blob is not None:
+                on_blob()
             for block in iter_blob(store, key):
                 out.write(block)
                 written += len(block)

@@ -1,11 +1,14 @@
-"""Lua scripts that make each multi-key state change atomic in Redis."""
+"""Lua scripts that make each multi-key state change atomic in Redis (key names come from shared/keys.py)."""
 
 from __future__ import annotations
 
-# KEYS[1] batch hash, KEYS[2] active-batches zset, KEYS[3] metrics counters hash.
-# ARGV: to_status, now, timestamp_field ("" for none), terminal ("1"/"0"), batch_id, n_from, from..., then
-# field/value pairs to set with the move. Returns {1, previous} when moved, {0, current} when not.
-TRANSITION = """
+# A move of a batch's status with everything that goes with it (shared/lifecycle.py).
+# KEYS: 1 batch hash, 2 active zset, 3 metric counters, 4 tenant usage hash, 5 usage tenants set, 6 webhook event
+# hash, 7 pending webhooks zset, 8 clean-up outbox zset.
+# ARGV: to, now, timestamp field, terminal (1/0), batch id, n_from, from..., n_fields, (name, value)..., and for a
+# terminal move: tenant, 5 usage figures, completed, failed, event id ("" for none), event type, clean-up time.
+# Returns {1, previous status} when moved, {0, current status} when not.
+APPLY_MOVE = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {0, ''} end
 local n_from = tonumber(ARGV[6])
@@ -15,43 +18,91 @@ for i = 1, n_from do
 end
 if not allowed then return {0, status} end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'updated_at', ARGV[2])
-if ARGV[3] ~= '' then redis.call('HSETNX', KEYS[1], ARGV[3], ARGV[2]) end
+redis.call('HSETNX', KEYS[1], ARGV[3], ARGV[2])
 local i = 7 + n_from
-while i < #ARGV do
+local n_fields = tonumber(ARGV[i])
+i = i + 1
+for _ = 1, n_fields do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
   i = i + 2
 end
 if ARGV[4] == '1' then
-  redis.call('ZREM', KEYS[2], ARGV[5])
+  local batch_id = ARGV[5]
+  redis.call('ZREM', KEYS[2], batch_id)
   redis.call('HINCRBY', KEYS[3], 'batches_finished|' .. ARGV[1], 1)
+  local tenant = ARGV[i]
+  local kinds = {'input_tokens', 'cached_tokens', 'output_tokens', 'reasoning_tokens', 'total_tokens'}
+  for k = 1, 5 do
+    local cur = tonumber(redis.call('HGET', KEYS[4], kinds[k]) or '0')
+    local sum = math.min(cur + tonumber(ARGV[i + k]), 9007199254740991)
+    redis.call('HSET', KEYS[4], kinds[k], string.format('%.0f', sum))
+  end
+  redis.call('HINCRBY', KEYS[4], 'requests_completed', ARGV[i + 6])
+  redis.call('HINCRBY', KEYS[4], 'requests_failed', ARGV[i + 7])
+  redis.call('HINCRBY', KEYS[4], 'batches', 1)
+  redis.call('SADD', KEYS[5], tenant)
+  local event_id = ARGV[i + 8]
+  if event_id ~= '' and redis.call('HSETNX', KEYS[6], 'type', ARGV[i + 9]) == 1 then
+    redis.call('HSET', KEYS[6], 'tenant', tenant, 'batch_id', batch_id, 'created_at', ARGV[2], 'attempts', '0')
+    redis.call('ZADD', KEYS[7], ARGV[2], event_id)
+  end
+  redis.call('ZADD', KEYS[8], ARGV[i + 10], batch_id)
 end
 return {1, status}
 """
 
-# KEYS[1] done set, KEYS[2] counts hash, KEYS[3] progress hash. ARGV: chunk index, counts json, n_chunks.
-# The first commit of a chunk wins; a re-run's commit is a no-op. Returns {committed, done_count, n_chunks}.
-COMMIT_CHUNK = """
-local committed = 0
-if redis.call('SADD', KEYS[1], ARGV[1]) == 1 then
-  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-  redis.call('HDEL', KEYS[3], ARGV[1])
-  committed = 1
+# KEYS: 1 lease, 2 finished bitmap, 3 segments list, 4 progress hash, 5 done set.
+# ARGV: token, chunk index, segment json, n_out, n_err, lease ms, position...
+# Records a durable segment only for the lease holder of an uncommitted chunk, and only if none of its positions is
+# durable already; renews the lease. Returns 1, or -1 (lease lost), -2 (chunk committed), -3 (position taken).
+COMMIT_SEGMENT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+if redis.call('SISMEMBER', KEYS[5], ARGV[2]) == 1 then return -2 end
+for i = 7, #ARGV do
+  if redis.call('GETBIT', KEYS[2], ARGV[i]) == 1 then return -3 end
 end
-return {committed, redis.call('SCARD', KEYS[1]), tonumber(ARGV[3])}
+for i = 7, #ARGV do redis.call('SETBIT', KEYS[2], ARGV[i], 1) end
+redis.call('RPUSH', KEYS[3], ARGV[3])
+local c, f = 0, 0
+local cur = redis.call('HGET', KEYS[4], ARGV[2])
+if cur then
+  local a, b = string.match(cur, '(%d+):(%d+)')
+  c, f = tonumber(a), tonumber(b)
+end
+redis.call('HSET', KEYS[4], ARGV[2], (c + tonumber(ARGV[4])) .. ':' .. (f + tonumber(ARGV[5])))
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
+return 1
 """
 
-# KEYS[1] done set, KEYS[2] progress hash. ARGV: chunk index, completed, failed.
-# Progress only moves forward, so a chunk that runs again never shows its requests twice.
-SET_PROGRESS = """
-if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 0 end
-local cur = redis.call('HGET', KEYS[2], ARGV[1])
-local new_total = tonumber(ARGV[2]) + tonumber(ARGV[3])
-if cur then
-  local c, f = string.match(cur, '(%d+):(%d+)')
-  if tonumber(c) + tonumber(f) >= new_total then return 0 end
-end
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2] .. ':' .. ARGV[3])
+# KEYS: 1 lease, 2 progress hash, 3 done set. ARGV: token, chunk index, completed, failed.
+# A new run sets its chunk's live progress to what earlier runs made durable (it never counts a line twice).
+RESET_PROGRESS = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if redis.call('SISMEMBER', KEYS[3], ARGV[2]) == 1 then return 0 end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3] .. ':' .. ARGV[4])
 return 1
+"""
+
+# KEYS: 1 lease, 2 done set, 3 counts hash, 4 progress hash. ARGV: token, chunk index, counts json, n_chunks.
+# The first commit of a chunk wins, and only its lease holder may make it. Returns {committed (1, 0 when committed
+# already, -1 when the lease is lost), chunks done, n_chunks}.
+COMMIT_CHUNK = """
+local n = tonumber(ARGV[4])
+if redis.call('SISMEMBER', KEYS[2], ARGV[2]) == 1 then return {0, redis.call('SCARD', KEYS[2]), n} end
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {-1, redis.call('SCARD', KEYS[2]), n} end
+redis.call('SADD', KEYS[2], ARGV[2])
+redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
+redis.call('HDEL', KEYS[4], ARGV[2])
+return {1, redis.call('SCARD', KEYS[2]), n}
+"""
+
+# KEYS[1] a bitmap. Returns it as hex (the store's client decodes replies as text).
+BITMAP_HEX = """
+local s = redis.call('GET', KEYS[1])
+if not s then return '' end
+local out = {}
+for i = 1, #s do out[i] = string.format('%02x', string.byte(s, i)) end
+return table.concat(out)
 """
 
 # KEYS[1] lease key. ARGV: token, ttl_ms. Renews only a lease this holder still owns.
@@ -67,4 +118,13 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
 return 0
+"""
+
+# KEYS[1] pending webhooks zset. ARGV: event id, now, claim seconds. A deliverer claims a due event by moving its
+# due time past the attempt; a second deliverer (a duplicate message, the sweeper) then finds it not due.
+CLAIM_EVENT = """
+local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not due or tonumber(due) > tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], tonumber(ARGV[2]) + tonumber(ARGV[3]), ARGV[1])
+return 1
 """

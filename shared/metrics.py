@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter
+from typing import TYPE_CHECKING
 
-import redis
+if TYPE_CHECKING:
+    from shared.store import Store
 
-COUNTERS = "bg:metrics:counters"  # field "<name>|<label>" -> int
-LATENCY = "bg:metrics:latency"  # field "<provider>|<bucket index>" or "<provider>|sum_ms"
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
@@ -33,18 +33,7 @@ class MetricsBuffer:
         self.latency[f"{provider}|sum_ms"] += int(seconds * 1000)
         self.latency[f"{provider}|count"] += 1
 
-    def flush(self, client: redis.Redis) -> None:
-        if not self.counts and not self.latency:
-            return
-        pipe = client.pipeline(transaction=False)
-        for key, amount in self.counts.items():
-            pipe.hincrby(COUNTERS, key, amount)
-        for key, amount in self.latency.items():
-            pipe.hincrby(LATENCY, key, amount)
-        pipe.execute()
+    def flush(self, store: "Store") -> None:
+        store.add_metrics(self.counts, self.latency)
         self.counts.clear()
         self.latency.clear()
-
-
-def increment(client: redis.Redis, name: str, label: str = "", amount: int = 1) -> None:
-    client.hincrby(COUNTERS, field(name, label), amount)

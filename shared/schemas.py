@@ -15,8 +15,6 @@ UPLOAD_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "e
 BatchStatus = Literal[
     "validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling", "cancelled"
 ]
-TERMINAL_STATUSES = frozenset({"failed", "completed", "expired", "cancelled"})
-ACTIVE_STATUSES = frozenset({"validating", "in_progress", "finalizing", "cancelling"})
 
 SUPPORTED_ENDPOINTS = (
     "/v1/chat/completions",
@@ -143,31 +141,3 @@ class ErrorDetail(WireModel):
 
 class ErrorResponse(WireModel):
     error: ErrorDetail
-
-
-# Input and output lines of batch files.
-
-
-class BatchInputLine(WireModel):
-    custom_id: str
-    method: Literal["POST"]
-    url: str
-    body: dict[str, Any]
-
-
-class BatchResponse(WireModel):
-    status_code: int
-    request_id: str
-    body: Any
-
-
-class BatchLineError(WireModel):
-    code: str
-    message: str
-
-
-class BatchOutputLine(WireModel):
-    id: str
-    custom_id: str
-    response: BatchResponse | None = None
-    error: BatchLineError | None = None

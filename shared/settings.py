@@ -49,6 +49,7 @@ class Settings(BaseSettings):
     completion_window_s: int = 86400
     max_batch_lines: int = 50_000
     max_batch_input_bytes: int = 200 * 1024 * 1024
+    max_line_bytes: int = Field(default=8 * 1024 * 1024, description="the largest one request line may be")
     output_default_ttl_s: int = 30 * 86400
 
     # Execution.
@@ -82,6 +83,12 @@ class Settings(BaseSettings):
     chunk_time_limit_s: int = 600
     sweep_interval_s: float = 30.0
     redrive_after_s: float = 60.0
+    cleanup_delay_s: float = Field(
+        default=900.0, description="how long a finished batch's working blobs and keys are kept, so that a Redis "
+        "restored a little older (failover, AOF everysec) can still finish the batch from them")
+    durable_every_lines: int = Field(
+        default=0, description="a chunk makes its finished lines durable at least every this many lines "
+        "(0: the provider's max_concurrency), and at every progress tick")
 
     @field_validator("s3_endpoint_url", "s3_region", "s3_access_key_id", "s3_secret_access_key", mode="before")
     @classmethod

@@ -85,7 +85,11 @@ class Simulator:
         if cfg.error_rate and self.rng.random() < cfg.error_rate:
             return _error(500, "The server had an error while processing your request.", type_="server_error")
         digest = hashlib.sha256(raw).digest()
-        return _json(HANDLERS[path](body, digest))
+        answer = HANDLERS[path](body, digest)
+        if cfg.usage_total_tokens is not None and isinstance(answer.get("usage"), dict):
+            answer["usage"] = {**answer["usage"], "total_tokens": cfg.usage_total_tokens,
+                               "prompt_tokens": cfg.usage_total_tokens}
+        return _json(answer)
 
     async def get_config(self, request: Request) -> Response:
         return _json(self.config.model_dump())

@@ -17,6 +17,8 @@ class SimulatorConfig(BaseModel):
     retry_after_s: float = Field(default=1.0, ge=0)
     max_rpm: int = Field(default=0, ge=0)
     api_key: str = ""
+    usage_total_tokens: int | None = Field(default=None, ge=0, description="report this total in every usage block "
+                                           "(an upstream that gets its figures absurdly wrong)")
     seed: int | None = None
 
     @classmethod

@@ -10,7 +10,7 @@ from pathlib import Path
 import openai
 import orjson
 
-from cli.deployment import Deployment
+from bench.deployment import Deployment
 
 UPSTREAM_SECRET = "sk-upstream-secret-0123456789"
 API_KEY = "sk-test-tenant-a"

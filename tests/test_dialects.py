@@ -79,7 +79,7 @@ def test_portkey_managed_batching(vendors):
         assert created.json()["completion_window"] == "24h"
         batch = poll(http, f"{base}/batches/{created.json()['id']}", headers)
         assert batch["status"] == "completed"
-        assert vendors.store.batch_fields(batch["id"])["provider"] == "openai-virtual-key"
+        assert vendors.store.batch_record(batch["id"]).state.provider == "openai-virtual-key"
         output = http.get(f"{base}/v1/batches/{batch['id']}/output", headers=headers)
         assert output.status_code == 200
         assert sorted(json.loads(line)["custom_id"] for line in output.text.splitlines()) == sorted(
@@ -96,7 +96,7 @@ def test_portkey_provider_slug_header(vendors):
                             json={"input_file_id": file_id, "endpoint": "/v1/chat/completions",
                                   "completion_window": "24h"}).json()
         assert poll(http, f"{base}/batches/{created['id']}", headers)["status"] == "completed"
-        assert vendors.store.batch_fields(created["id"])["provider"] == "openai-virtual-key"
+        assert vendors.store.batch_record(created["id"]).state.provider == "openai-virtual-key"
 
 
 def test_alphaedge_singular_batch_without_window(vendors):
@@ -151,4 +151,4 @@ def test_provider_not_allowed_for_tenant_is_403(vendors):
     gpt = client.files.create(file=("g.jsonl", io.BytesIO(chat_lines(2, model="gpt-4o-mini"))), purpose="batch")
     batch = client.batches.create(input_file_id=gpt.id, endpoint="/v1/chat/completions", completion_window="24h")
     assert wait_terminal(client, batch.id).status == "completed"
-    assert vendors.store.batch_fields(batch.id)["provider"] == "default"
+    assert vendors.store.batch_record(batch.id).state.provider == "default"

@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 from stack import Stack, assert_exactly_once, chat_lines, submit, wait_terminal
 
 from shared.providers import Provider
+from shared.store_ratelimit import LimiterStore
 from workers.ratelimit import ProviderLimiter
 
 
@@ -17,7 +18,7 @@ def _run(redis_url: str, provider: Provider, coro_factory):
     async def main():
         client = aioredis.Redis.from_url(redis_url)
         try:
-            return await coro_factory(ProviderLimiter(client, provider))
+            return await coro_factory(ProviderLimiter(LimiterStore(client), provider))
         finally:
             await client.aclose()
 

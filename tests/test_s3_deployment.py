@@ -86,9 +86,9 @@ def test_two_worker_hosts_share_one_batch_exactly_once(make_stack, s3_endpoint, 
     out, err = assert_exactly_once(client, final, {f"req-{i}" for i in range(2000)})
     assert len(out) == 2000 and err == []
 
-    committed = dep.store.chunk_counts(batch.id)
+    committed = dep.store.chunk_commits(batch.id)
     assert len(committed) == 20
-    nodes = {counts["node"].split("@")[0] for counts in committed.values()}
+    nodes = {commit.extra["node"].split("@")[0] for commit in committed.values()}
     assert nodes == set(hosts), f"chunks ran on {nodes}"
     for data_dir in hosts.values():
         assert not (data_dir / "blobs").exists()

@@ -24,7 +24,7 @@ def test_bom_crlf_and_blank_lines_are_tolerated_and_line_numbers_are_physical():
     assert scan.total == 2 and list(scan.line_numbers) == [1, 4]
     chunks = plan_chunks(scan, 1)
     got = [list(iter_chunk_lines(data[c.start:c.end], c.first_line)) for c in chunks]
-    assert [[(n, o["custom_id"]) for n, o in g] for g in got] == [[(1, "a")], [(4, "b")]]
+    assert [[(n, o.custom_id) for n, o in g] for g in got] == [[(1, "a")], [(4, "b")]]
 
 
 def test_chunks_cover_every_request_once():
@@ -32,7 +32,7 @@ def test_chunks_cover_every_request_once():
     scan = scan_input(io.BytesIO(data), EP, max_lines=1000)
     size = chunk_size_for(scan.total, target_chunks=4, minimum=10, maximum=500)
     chunks = plan_chunks(scan, size)
-    ids = [o["custom_id"] for c in chunks for _, o in iter_chunk_lines(data[c.start:c.end], c.first_line)]
+    ids = [o.custom_id for c in chunks for _, o in iter_chunk_lines(data[c.start:c.end], c.first_line)]
     assert ids == [str(i) for i in range(103)]
     assert sum(c.n_lines for c in chunks) == 103 and len(chunks) == 4
 

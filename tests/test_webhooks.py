@@ -2,67 +2,23 @@
 
 from __future__ import annotations
 
-import base64
-import os
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import orjson
 import pytest
 from stack import Stack, chat_lines, submit, wait_terminal
-from standardwebhooks.webhooks import Webhook
+from webhook_receiver import Receiver, providers_toml
 
 from cli.stack import free_port
 
 pytestmark = pytest.mark.e2e
-
-SECRET = "whsec_" + base64.b64encode(os.urandom(24)).decode()
-
-
-class Receiver:
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.deliveries: list[dict] = []
-        self.server: ThreadingHTTPServer | None = None
-
-    def start(self) -> None:
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers["content-length"]))
-                headers = {k.lower(): v for k, v in self.headers.items()}
-                event = Webhook(SECRET).verify(body, headers)  # raises on a bad signature
-                receiver.deliveries.append({"event": event, "headers": headers})
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        if self.server:
-            self.server.shutdown()
-            self.server.server_close()
 
 
 def test_one_signed_delivery_per_event_after_an_outage(tmp_path):
     port = free_port()
     stack = Stack(tmp_path / "stack", webhook_allowed_hosts="127.0.0.1", webhook_retry_base_s=0.5)
     providers = tmp_path / "providers.toml"
-    providers.write_text(f"""
-[providers.default]
-base_url = "http://127.0.0.1:{stack.sim_port}/v1"
-api_key_env = "BATCHGATE_UPSTREAM_API_KEY"
-
-[tenants.tenant-a]
-webhook_url = "http://127.0.0.1:{port}/hooks/batchgate"
-webhook_secret = "{SECRET}"
-""")
+    providers.write_text(providers_toml(stack.sim_port, port))
     stack.group.env["BATCHGATE_PROVIDERS_FILE"] = str(providers)
     receiver = Receiver(port)
     try:

@@ -1,7 +1,9 @@
-"""Running one chunk: send its requests, write its output and error parts, commit its counts once.
+"""Running one chunk: send its requests, make each finished line durable within moments, commit its counts once.
 
-A chunk never raises for a request's failure (that is an error line), and running it again is harmless: its parts
-are written under a key unique to the run, and only the first run to commit is the one finalize reads.
+A chunk never raises for a request's failure (that is an error line). Its finished lines are written in small
+segments as they finish (see shared/store_exec.py), so a run that dies re-sends at most the requests it had in
+flight or had not yet made durable; the next run skips every durable position. Only the lease holder may write, and
+only the first commit of a chunk counts.
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from shared import metrics
-from shared.ids import batch_request_id
+from shared import lines as wire
+from shared.blobs import BlobNotFound
+from shared.lifecycle import BatchRecord, Ending
+from shared.lines import InputLine, ResultLine
 from shared.providers import Provider
-from shared.schemas import TERMINAL_STATUSES
-from shared.store import ChunkSpec, Store
+from shared.store_exec import ChunkCommit, ChunkSpec, Segment, SegmentRejected
 from workers.runtime import Runtime
-from workers.upstream import Outcome, UpstreamCaller
+from workers.upstream import UpstreamCaller
 from workers.usage import Usage
 from workers.validation import iter_chunk_lines
 
@@ -45,147 +48,194 @@ class LeaseHeld(Exception):
         self.retry_in = retry_in
 
 
+class InputLost(Exception):
+    """Neither the batch's copy of its input nor the uploaded file is in the blob store any more."""
+
+
 def batch_input_key(batch_id: str) -> str:
     return f"batches/{batch_id}/input.jsonl"
 
 
+def batch_blob_prefix(batch_id: str) -> str:
+    """Every working blob of a batch (its input copy and result segments) is under this prefix."""
+    return f"batches/{batch_id}"
+
+
+def segment_key(batch_id: str, index: int, run: str, seq: int, kind: str) -> str:
+    return f"batches/{batch_id}/parts/{index:05d}-{run}-{seq:05d}.{kind}.jsonl"
+
+
 def part_key(batch_id: str, index: int, run: str, kind: str) -> str:
+    """Where versions before durable segments wrote a chunk run's lines (one part per run)."""
     return f"batches/{batch_id}/parts/{index:05d}-{run}.{kind}.jsonl"
 
 
+def read_chunk_input(rt: Runtime, record: BatchRecord, spec: ChunkSpec) -> bytes:
+    """The chunk's input bytes: from the batch's copy, else from the uploaded file (same bytes, same offsets)."""
+    try:
+        return rt.blobs.read_range(batch_input_key(record.id), spec.start, spec.end)
+    except BlobNotFound:
+        pass
+    uploaded = rt.store.get_file(record.spec.input_file_id)
+    if uploaded is not None:
+        try:
+            return rt.blobs.read_range(uploaded.blob_key, spec.start, spec.end)
+        except BlobNotFound:
+            pass
+    raise InputLost(record.id)
+
+
 @dataclass
-class ChunkLines:
-    """Result lines in input order; `ok` marks which belong to the output file."""
+class SegmentWriter:
+    """Collects a run's finished lines and makes them durable: blobs first, then the fenced record in Redis."""
 
-    lines: list[bytes | None]
-    ok: list[bool]
+    rt: Runtime
+    batch_id: str
+    index: int
+    token: str
+    segments: list[Segment] = field(default_factory=list)
+    pending: list[tuple[int, bytes, bool]] = field(default_factory=list)
     usage: Usage = field(default_factory=Usage)
-    completed: int = 0
-    failed: int = 0
+    finished: set[int] = field(default_factory=set)
+    rejected: bool = False
 
-    @classmethod
-    def empty(cls, n: int) -> "ChunkLines":
-        return cls([None] * n, [False] * n)
+    def add(self, pos: int, line: ResultLine, body: object = None) -> None:
+        self.pending.append((pos, wire.encode(line), line.ok))
+        self.finished.add(pos)
+        if line.ok and body is not None:
+            self.usage.add(body)
 
-    def put(self, pos: int, line: bytes, ok: bool) -> None:
-        self.lines[pos] = line
-        self.ok[pos] = ok
-        if ok:
-            self.completed += 1
-        else:
-            self.failed += 1
+    def flush(self) -> None:
+        if not self.pending or self.rejected:
+            return
+        seq = len(self.segments)
+        out = [raw for _, raw, ok in self.pending if ok]
+        err = [raw for _, raw, ok in self.pending if not ok]
+        run = self.token
+        if out:
+            self.rt.blobs.put(segment_key(self.batch_id, self.index, run, seq, "out"), b"\n".join(out) + b"\n")
+        if err:
+            self.rt.blobs.put(segment_key(self.batch_id, self.index, run, seq, "err"), b"\n".join(err) + b"\n")
+        segment = Segment(run, seq, len(out), len(err), self.usage.as_list(), [pos for pos, _, _ in self.pending])
+        try:
+            self.rt.store.commit_segment(self.batch_id, self.index, self.token, segment, self.rt.settings.chunk_lease_s)
+        except SegmentRejected:
+            self.rejected = True
+            raise
+        self.segments.append(segment)
+        self.pending.clear()
+        self.usage = Usage()
 
-
-def error_line(batch_id: str, line_no: int, custom_id: str, code: str, message: str) -> bytes:
-    return orjson.dumps(
-        {
-            "id": batch_request_id(batch_id, line_no),
-            "custom_id": custom_id,
-            "response": None,
-            "error": {"code": code, "message": message},
-        }
-    )
-
-
-def outcome_line(batch_id: str, line_no: int, custom_id: str, outcome: Outcome) -> bytes:
-    if outcome.status_code is None:
-        return error_line(batch_id, line_no, custom_id, outcome.error_code or "request_failed", outcome.error_message or "")
-    return orjson.dumps(
-        {
-            "id": batch_request_id(batch_id, line_no),
-            "custom_id": custom_id,
-            "response": {"status_code": outcome.status_code, "request_id": outcome.request_id, "body": outcome.body},
-            "error": None,
-        }
-    )
+    def try_flush(self) -> None:
+        """Flush, keeping the lines pending when Redis or the blob store is briefly unreachable."""
+        try:
+            self.flush()
+        except SegmentRejected:
+            log.warning("%s chunk %d: lease lost; this run stops without committing", self.batch_id, self.index)
+        except Exception:  # noqa: BLE001 - a storage blip: the lines stay pending for the next flush
+            log.warning("%s chunk %d: could not make lines durable yet", self.batch_id, self.index, exc_info=True)
 
 
 @dataclass
 class RunState:
     stop: str | None = None
+    senders: list[asyncio.Task] = field(default_factory=list)
 
 
-def _flush_metrics(store: Store, caller: UpstreamCaller) -> None:
+def _flush_metrics(rt: Runtime, caller: UpstreamCaller) -> None:
     if caller.limiter is not None and caller.limiter.waited_s:
         caller.metrics.inc("limiter_wait_ms", caller.provider.name, int(caller.limiter.waited_s * 1000))
         caller.limiter.waited_s = 0.0
-    caller.metrics.flush(store.r)
+    caller.metrics.flush(rt.store)
 
 
-async def _heartbeat(store: Store, batch_id: str, spec: ChunkSpec, token: str, lines: ChunkLines, state: RunState,
-                     caller: UpstreamCaller, interval: float, lease_s: float) -> None:
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            state.stop = store.stop_reason(batch_id)
-            store.set_progress(batch_id, spec.index, lines.completed, lines.failed)
-            store.renew_lease(batch_id, spec.index, token, lease_s)
-            _flush_metrics(store, caller)
-        except Exception:  # noqa: BLE001 - a Redis blip must not stop the requests in flight
-            log.warning("heartbeat of %s chunk %d failed", batch_id, spec.index, exc_info=True)
-
-
-async def send_requests(rt: Runtime, provider: Provider, batch_id: str, endpoint: str, spec: ChunkSpec,
-                        requests: list[tuple[int, dict]], token: str) -> ChunkLines:
-    """Send a chunk's requests through `max_concurrency` senders pulling from one queue of positions."""
+async def _heartbeat(rt: Runtime, batch_id: str, writer: SegmentWriter, state: RunState, caller: UpstreamCaller
+                     ) -> None:
     settings = rt.settings
-    lines = ChunkLines.empty(len(requests))
+    while True:
+        await asyncio.sleep(settings.progress_interval_s)
+        try:
+            state.stop = rt.store.stop_reason(batch_id)
+            if state.stop == "expired":
+                for task in state.senders:  # past its window nothing more is sent, nor waited for
+                    task.cancel()
+            writer.try_flush()
+            if not writer.rejected:
+                rt.store.renew_lease(batch_id, writer.index, writer.token, settings.chunk_lease_s)
+            _flush_metrics(rt, caller)
+        except Exception:  # noqa: BLE001 - a Redis blip must not stop the requests in flight
+            log.warning("heartbeat of %s chunk %d failed", batch_id, writer.index, exc_info=True)
+
+
+async def send_requests(rt: Runtime, provider: Provider, record: BatchRecord,
+                        requests: list[tuple[int, int, InputLine]], writer: SegmentWriter) -> None:
+    """Send requests through `max_concurrency` senders pulling from one queue; every one ends as a line."""
+    settings = rt.settings
+    batch_id = record.id
     state = RunState(stop=rt.store.stop_reason(batch_id))
     caller = UpstreamCaller(rt.session(provider), provider, base_s=settings.retry_base_s, max_s=settings.retry_max_s,
                             limiter=rt.limiter(provider))
-    url = provider.url_for(endpoint)
-    positions = iter(range(len(requests)))
+    url = provider.url_for(record.spec.endpoint)
+    durable_every = settings.durable_every_lines or provider.max_concurrency
+    queue = iter(requests)
 
     def stopped() -> bool:
         return state.stop is not None
 
     async def sender() -> None:
-        for pos in positions:
-            line_no, obj = requests[pos]
+        for pos, line_no, request in queue:
+            if writer.rejected:
+                return
             if state.stop:
-                code, message = STOP_ERRORS[state.stop]
-                lines.put(pos, error_line(batch_id, line_no, obj["custom_id"], code, message), False)
-                continue
-            outcome = await caller.call(url, obj["body"], should_stop=stopped)
-            if outcome.ok:
-                lines.usage.add(outcome.body)
-            lines.put(pos, outcome_line(batch_id, line_no, obj["custom_id"], outcome), outcome.ok)
+                writer.add(pos, wire.error_line(batch_id, line_no, request.custom_id, *STOP_ERRORS[state.stop]))
+            else:
+                outcome = await caller.call(url, orjson.loads(memoryview(request.body)), should_stop=stopped)
+                if outcome.status_code is None:
+                    line = wire.error_line(batch_id, line_no, request.custom_id,
+                                           outcome.error_code or "request_failed", outcome.error_message or "")
+                else:
+                    line = wire.response_line(batch_id, line_no, request.custom_id, outcome.status_code,
+                                              outcome.request_id or "", outcome.body)
+                writer.add(pos, line, outcome.body if outcome.ok else None)
+            if len(writer.pending) >= durable_every:
+                writer.try_flush()
 
-    heartbeat = asyncio.create_task(
-        _heartbeat(rt.store, batch_id, spec, token, lines, state, caller, settings.progress_interval_s,
-                   settings.chunk_lease_s)
-    )
-    senders = [asyncio.create_task(sender()) for _ in range(min(provider.max_concurrency, len(requests)))]
+    heartbeat = asyncio.create_task(_heartbeat(rt, batch_id, writer, state, caller))
+    state.senders = [asyncio.create_task(sender()) for _ in range(min(provider.max_concurrency, len(requests)))]
     try:
-        _, pending = await asyncio.wait(senders, timeout=settings.chunk_time_limit_s * 0.9)
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
+        if state.senders:
+            _, pending = await asyncio.wait(state.senders, timeout=settings.chunk_time_limit_s * 0.9)
+            for task in pending:
+                task.cancel()
+            for result in await asyncio.gather(*state.senders, return_exceptions=True):
+                if isinstance(result, Exception):
+                    log.error("%s chunk %d: a sender failed", batch_id, writer.index, exc_info=result)
     finally:
         heartbeat.cancel()
         await asyncio.gather(heartbeat, return_exceptions=True)
-        _flush_metrics(rt.store, caller)
-    for pos, line in enumerate(lines.lines):
-        if line is None:
-            line_no, obj = requests[pos]
-            lines.put(pos, error_line(batch_id, line_no, obj["custom_id"], *DEADLINE), False)
-    return lines
+        _flush_metrics(rt, caller)
+    # Whatever did not finish: cut off by expiry, or by the chunk's time limit.
+    unfinished = STOP_ERRORS["expired"] if state.stop == "expired" else DEADLINE
+    for pos, line_no, request in requests:
+        if pos not in writer.finished:
+            writer.add(pos, wire.error_line(batch_id, line_no, request.custom_id, *unfinished))
 
 
-def _write_part(rt: Runtime, key: str, parts: list[bytes]) -> None:
-    if parts:
-        rt.blobs.put(key, b"\n".join(parts) + b"\n")
+def _close_all(writer: SegmentWriter, batch_id: str, requests: list[tuple[int, int, InputLine]],
+               code: str, message: str) -> None:
+    for pos, line_no, request in requests:
+        writer.add(pos, wire.error_line(batch_id, line_no, request.custom_id, code, message))
 
 
-def run_chunk(rt: Runtime, batch_id: str, index: int, node: str = "") -> bool:
+def run_chunk(rt: Runtime, batch_id: str, index: int, node: str = "", close: str | None = None) -> bool:
     """Run chunk `index` of a batch. Returns True when this run's commit completed the batch's last chunk.
 
-    `node` names the worker that ran it; it is kept with the chunk's counts for operators (and the tests).
+    With `close` ("cancelled" or "expired") nothing is sent: every line not yet durable gets that reason's error.
+    `node` names the worker that ran it; it is kept with the chunk's commit for operators (and the tests).
     """
     store = rt.store
-    fields = store.batch_fields(batch_id)
-    if not fields or fields.get("status") in TERMINAL_STATUSES:
+    record = store.batch_record(batch_id)
+    if record is None or record.state.terminal or not record.state.planned:
         return False
     spec = store.chunk(batch_id, index)
     if spec is None or index in store.done_chunks(batch_id):
@@ -193,28 +243,51 @@ def run_chunk(rt: Runtime, batch_id: str, index: int, node: str = "") -> bool:
     token = uuid.uuid4().hex[:16]
     started = time.time()
     if not store.acquire_lease(batch_id, index, token, rt.settings.chunk_lease_s):
+        if close:
+            return False
         raise LeaseHeld(rt.settings.chunk_lease_s / 2)
     try:
-        attempt = store.chunk_attempt(batch_id, index)
+        attempt = 0 if close else store.chunk_attempt(batch_id, index)
         if attempt > 1:
-            metrics.increment(store.r, "chunk_reruns")
-        data = rt.blobs.read_range(batch_input_key(batch_id), spec.start, spec.end)
-        requests = list(iter_chunk_lines(data, spec.first_line))
-        if attempt > rt.settings.chunk_max_attempts:
+            store.increment("chunk_reruns")
+        earlier = store.begin_run(batch_id, index, token)
+        finished = store.finished_positions(batch_id, index, spec.n_lines)
+        try:
+            data = read_chunk_input(rt, record, spec)
+        except InputLost:
+            log.error("%s: input lost from the blob store; the batch fails", batch_id)
+            rt.lifecycle.end(record, "lose", time.time(), Ending(errors=[{
+                "code": "input_lost", "line": None, "param": None,
+                "message": "The batch's input file is no longer in storage; upload it again and create a new batch."}]))
+            return False
+        requests = [(pos, line_no, request)
+                    for pos, (line_no, request) in enumerate(iter_chunk_lines(data, spec.first_line))
+                    if pos not in finished]
+        del data
+        writer = SegmentWriter(rt, batch_id, index, token)
+        if close:
+            _close_all(writer, batch_id, requests, *STOP_ERRORS[close])
+        elif attempt > rt.settings.chunk_max_attempts:
             log.error("%s chunk %d failed %d times; writing error lines", batch_id, index, attempt - 1)
-            lines = ChunkLines.empty(len(requests))
-            for pos, (line_no, obj) in enumerate(requests):
-                lines.put(pos, error_line(batch_id, line_no, obj["custom_id"], *GAVE_UP), False)
+            _close_all(writer, batch_id, requests, *GAVE_UP)
         else:
-            provider = rt.providers.get(fields.get("provider", "")) or rt.providers.for_model(fields.get("model"))
-            lines = rt.run(send_requests(rt, provider, batch_id, fields["endpoint"], spec, requests, token))
-        out = [line for line, ok in zip(lines.lines, lines.ok) if ok]
-        err = [line for line, ok in zip(lines.lines, lines.ok) if not ok]
-        _write_part(rt, part_key(batch_id, index, token, "out"), out)  # type: ignore[arg-type]
-        _write_part(rt, part_key(batch_id, index, token, "err"), err)  # type: ignore[arg-type]
-        counts = {"completed": len(out), "failed": len(err), "usage": lines.usage.as_list(), "run": token,
-                  "started": round(started, 3), "finished": round(time.time(), 3), "attempt": attempt, "node": node}
-        committed, all_done = store.commit_chunk(batch_id, index, counts, int(fields["n_chunks"]))
+            provider = rt.providers.get(record.state.provider or "") or rt.providers.for_model(record.state.model)
+            rt.run(send_requests(rt, provider, record, requests, writer))
+        writer.flush()
+        segments = earlier + writer.segments
+        usage = Usage()
+        for segment in segments:
+            usage.merge(segment.usage)
+        commit = ChunkCommit(
+            completed=sum(s.out for s in segments), failed=sum(s.err for s in segments), usage=usage.as_list(),
+            segments=segments,
+            extra={"run": token, "attempt": attempt, "node": node, "started": round(started, 3),
+                   "finished": round(time.time(), 3), "resumed": len(finished)},
+        )
+        committed, all_done = store.commit_chunk(batch_id, index, token, commit, record.state.n_chunks or 0)
         return committed and all_done
+    except SegmentRejected:
+        log.warning("%s chunk %d: lease lost; another run carries on from the durable lines", batch_id, index)
+        return False
     finally:
         store.release_lease(batch_id, index, token)

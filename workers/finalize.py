@@ -1,104 +1,156 @@
-"""Finalizing a batch: join its chunks' parts into the output and error files and set its terminal status.
+"""Finalizing a batch: join its chunks' durable segments into the output and error files and end it.
 
-Runs only when every chunk has committed, and is idempotent: the files have ids derived from the batch, every
-write replaces whole blobs, and the terminal move is a compare-and-set.
+Runs only when every chunk has committed, under a lease that a dead finalize loses within `chunk_lease_s`; it is
+idempotent: the files have ids derived from the batch, every write replaces whole blobs, and the terminal move is a
+compare-and-set that records usage, the webhook event and the clean-up outbox entry in the same transaction.
+
+A segment missing from the blob store (Redis restored from a point before the batch's clean-up) does not wedge the
+batch: its lines become `result_lost` error lines.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import uuid
+from dataclasses import dataclass, field
 
-import orjson
-
-from shared.blobs import concat_blobs
+from shared import lines as wire
+from shared.blobs import BlobNotFound, concat_blobs
 from shared.file_service import file_blob_key
 from shared.ids import derived_file_id
-from shared.schemas import TERMINAL_STATUSES, FileObject
+from shared.lifecycle import CANCELLING, FINALIZING, MOVES, BatchRecord, Ending
+from shared.schemas import FileObject
 from shared.store import FileRecord
-from shared.usage import record_tenant_usage
-from workers.chunk import part_key
+from shared.store_exec import ChunkCommit
+from workers.chunk import InputLost, part_key, read_chunk_input, segment_key
 from workers.runtime import Runtime
 from workers.usage import Usage
-from workers.webhooks import batch_finished
+from workers.validation import iter_chunk_lines
 
 log = logging.getLogger("batchgate.finalize")
 
-# The status a batch ends in, by why its chunks stopped.
-_ENDINGS = {None: ("completed", "completed_at"), "cancelled": ("cancelled", "cancelled_at"),
-            "expired": ("expired", "expired_at")}
+# The verb that ends a batch, by why its chunks stopped.
+_ENDINGS = {None: "complete", "cancelled": "end_cancelled", "expired": "expire"}
+RESULT_LOST = ("result_lost", "The result of this request was lost in a storage failure (Redis was restored from an "
+               "older state after the blobs were cleaned up); retry the request.")
 
 
-def _register(rt: Runtime, batch_id: str, kind: str, parts: list[str], scope: str, ttl: int, now: int) -> str | None:
+@dataclass
+class Assembly:
+    """Where the files' lines are, and the counts they add up to."""
+
+    out: list[str] = field(default_factory=list)
+    err: list[str] = field(default_factory=list)
+    completed: int = 0
+    failed: int = 0
+    usage: Usage = field(default_factory=Usage)
+
+
+def _assemble(rt: Runtime, record: BatchRecord, commits: dict[int, ChunkCommit], check: bool) -> Assembly:
+    """The blobs of every chunk in order. With `check`, a missing segment's lines become `result_lost` lines."""
+    batch_id = record.id
+    a = Assembly()
+    for index in range(record.state.n_chunks or 0):
+        commit = commits[index]
+        if commit.segments is None:  # one part per chunk, as versions before segments wrote
+            a.out += [part_key(batch_id, index, commit.run or "", "out")] if commit.completed else []
+            a.err += [part_key(batch_id, index, commit.run or "", "err")] if commit.failed else []
+            a.completed += commit.completed
+            a.failed += commit.failed
+            a.usage.merge(commit.usage)
+            continue
+        lost: list[int] = []
+        for seg in commit.segments:
+            keys = [(kind, segment_key(batch_id, index, seg.run, seg.seq, kind), n)
+                    for kind, n in (("out", seg.out), ("err", seg.err)) if n]
+            if check and not all(rt.blobs.exists(key) for _, key, _ in keys):
+                lost += seg.pos
+                continue
+            for kind, key, _ in keys:
+                (a.out if kind == "out" else a.err).append(key)
+            a.completed += seg.out
+            a.failed += seg.err
+            a.usage.merge(seg.usage)
+        if lost:
+            a.err.append(_write_lost(rt, record, index, sorted(lost)))
+            a.failed += len(lost)
+    return a
+
+
+def _write_lost(rt: Runtime, record: BatchRecord, index: int, positions: list[int]) -> str:
+    spec = rt.store.chunk(record.id, index)
+    assert spec is not None
+    wanted = set(positions)
+    data = read_chunk_input(rt, record, spec)
+    lines = [wire.encode(wire.error_line(record.id, line_no, request.custom_id, *RESULT_LOST))
+             for pos, (line_no, request) in enumerate(iter_chunk_lines(data, spec.first_line)) if pos in wanted]
+    key = f"batches/{record.id}/parts/{index:05d}-lost.err.jsonl"
+    rt.blobs.put(key, b"\n".join(lines) + b"\n")
+    log.error("%s chunk %d: %d results lost from storage; written as result_lost", record.id, index, len(lines))
+    return key
+
+
+def _register(rt: Runtime, record: BatchRecord, kind: str, parts: list[str], now: int, renew) -> str | None:
     if not parts:
         return None
-    file_id = derived_file_id(batch_id, kind)
-    size = concat_blobs(rt.blobs, parts, file_blob_key(file_id))
-    file = FileObject(
-        id=file_id, bytes=size, created_at=now, expires_at=now + ttl, filename=f"{batch_id}_{kind}.jsonl",
-        purpose="batch_output",
-    )
-    rt.store.put_file(FileRecord(file, scope, file_blob_key(file_id)))
+    file_id = derived_file_id(record.id, kind)
+    size = concat_blobs(rt.blobs, parts, file_blob_key(file_id), on_blob=renew)
+    ttl = record.spec.output_ttl_s or rt.settings.output_default_ttl_s
+    file = FileObject(id=file_id, bytes=size, created_at=now, expires_at=now + ttl,
+                      filename=f"{record.id}_{kind}.jsonl", purpose="batch_output")
+    rt.store.put_file(FileRecord(file, record.spec.scope, file_blob_key(file_id)))
     return file_id
 
 
 def finalize(rt: Runtime, batch_id: str) -> str | None:
-    """Finish the batch if every chunk has committed. Returns the terminal status it set, else None."""
+    """End the batch if every chunk has committed. Returns the terminal status this call set, else None."""
     store = rt.store
-    fields = store.batch_fields(batch_id)
-    if not fields or fields.get("status") in TERMINAL_STATUSES or "n_chunks" not in fields:
+    record = store.batch_record(batch_id)
+    if record is None or record.state.terminal or not record.state.planned:
         return None
-    n_chunks = int(fields["n_chunks"])
-    counts = store.chunk_counts(batch_id)
-    if len(counts) < n_chunks:
+    commits = store.chunk_commits(batch_id)
+    if len(commits) < (record.state.n_chunks or 0):
         return None
+    token = uuid.uuid4().hex[:16]
+    lease_s = rt.settings.chunk_lease_s
+    if not store.acquire_finalize_lease(batch_id, token, lease_s):
+        return None
+    try:
+        verb = _ENDINGS[store.stop_reason(batch_id)]
+        if verb == "complete":
+            outcome = rt.lifecycle.begin_finalize(record, time.time())
+            if not outcome.moved and outcome.status != FINALIZING:
+                if outcome.status != CANCELLING:
+                    return None
+                verb = "end_cancelled"
 
-    stop = store.stop_reason(batch_id)
-    status, timestamp_field = _ENDINGS[stop]
-    now = int(time.time())
-    if status == "completed":
-        moved, current = store.transition(batch_id, ("in_progress",), "finalizing", now, timestamp_field="finalizing_at")
-        if not moved and current != "finalizing":
-            if current == "cancelling":
-                status, timestamp_field = _ENDINGS["cancelled"]
-            else:
-                return None
+        def renew() -> None:
+            store.renew_finalize_lease(batch_id, token, lease_s)
 
-    out_parts, err_parts = [], []
-    usage = Usage()
-    completed = failed = 0
-    for index in range(n_chunks):
-        chunk = counts[index]
-        completed += chunk["completed"]
-        failed += chunk["failed"]
-        usage.merge(chunk["usage"])
-        if chunk["completed"]:
-            out_parts.append(part_key(batch_id, index, chunk["run"], "out"))
-        if chunk["failed"]:
-            err_parts.append(part_key(batch_id, index, chunk["run"], "err"))
-
-    ttl = int(fields.get("output_ttl") or rt.settings.output_default_ttl_s)
-    output_file_id = _register(rt, batch_id, "output", out_parts, fields["scope"], ttl, now)
-    error_file_id = _register(rt, batch_id, "error", err_parts, fields["scope"], ttl, now)
-    moved, _ = store.transition(
-        batch_id,
-        ("in_progress", "finalizing", "cancelling"),
-        status,
-        int(time.time()),
-        timestamp_field=timestamp_field,
-        fields={
-            "completed": str(completed),
-            "failed": str(failed),
-            "usage": orjson.dumps(usage.as_batch_usage()).decode(),
-            "output_file_id": output_file_id or "",
-            "error_file_id": error_file_id or "",
-        },
-        terminal=True,
-    )
-    if moved:
-        record_tenant_usage(store, fields.get("tenant", ""), usage, completed, failed)
-        batch_finished(rt, batch_id, status)
-        rt.blobs.delete_prefix(f"batches/{batch_id}")
-        log.info("batch %s %s: %d completed, %d failed", batch_id, status, completed, failed)
+        now = int(time.time())
+        try:
+            try:
+                a = _assemble(rt, record, commits, check=False)
+                output_file_id = _register(rt, record, "output", a.out, now, renew)
+                error_file_id = _register(rt, record, "error", a.err, now, renew)
+            except BlobNotFound:
+                a = _assemble(rt, record, commits, check=True)
+                output_file_id = _register(rt, record, "output", a.out, now, renew)
+                error_file_id = _register(rt, record, "error", a.err, now, renew)
+        except (BlobNotFound, InputLost):
+            rt.lifecycle.end(record, "lose", time.time(), Ending(errors=[{
+                "code": "results_lost", "line": None, "param": None,
+                "message": "The batch's results and input were lost in a storage failure; create the batch again."}]))
+            log.error("batch %s: results and input lost from storage; failed", batch_id)
+            return "failed"
+        ending = Ending(completed=a.completed, failed=a.failed, usage=a.usage.as_list(),
+                        output_file_id=output_file_id, error_file_id=error_file_id)
+        outcome = rt.lifecycle.end(record, verb, time.time(), ending)
+        if not outcome.moved:
+            return None
+        status = MOVES[verb].to
+        log.info("batch %s %s: %d completed, %d failed", batch_id, status, a.completed, a.failed)
         return status
-    return None
+    finally:
+        store.release_finalize_lease(batch_id, token)

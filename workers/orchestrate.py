@@ -1,89 +1,79 @@
-"""Orchestrating a batch: validate its input in one pass, plan its chunks, and move it to `in_progress`."""
+"""Orchestrating a batch: validate its input in one pass, plan its chunks, and start it.
+
+Running it again at any point is harmless: a batch planned already is only started (if the run that planned it died
+before the move) and its uncommitted chunks are returned to be sent.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
 
-import orjson
-
 from shared.blobs import BlobNotFound
-from shared.schemas import TERMINAL_STATUSES
+from shared.lifecycle import CANCELLING, VALIDATING, BatchRecord, Ending
 from workers.chunk import batch_input_key
-from workers.pool import pool_processes
 from workers.runtime import Runtime
 from workers.validation import LineError, chunk_size_for, plan_chunks, scan_input
-from workers.webhooks import batch_finished
 
 log = logging.getLogger("batchgate.orchestrate")
 
+# A chunk's input is read whole; this bounds what one read holds, whatever the lines' sizes.
+MAX_CHUNK_BYTES = 32 * 1024 * 1024
 
-def _fail(rt: Runtime, batch_id: str, errors: list[LineError]) -> None:
-    moved, _ = rt.store.transition(
-        batch_id,
-        ("validating",),
-        "failed",
-        int(time.time()),
-        timestamp_field="failed_at",
-        fields={
-            "errors": orjson.dumps({"object": "list", "data": [e.as_dict() for e in errors]}).decode(),
-            "completed": "0",
-            "failed": "0",
-        },
-        terminal=True,
-    )
-    if moved:
-        batch_finished(rt, batch_id, "failed")
+
+def _fail(rt: Runtime, record: BatchRecord, errors: list[LineError]) -> None:
+    rt.lifecycle.fail(record, time.time(), [e.as_dict() for e in errors])
+
+
+def _resume(rt: Runtime, record: BatchRecord) -> list[int]:
+    """A planned batch: start it if the planning run died before doing so, and return its uncommitted chunks."""
+    if record.state.status == VALIDATING:
+        rt.lifecycle.start(record, time.time())
+    done = rt.store.done_chunks(record.id)
+    return [i for i in range(record.state.n_chunks or 0) if i not in done]
 
 
 def orchestrate(rt: Runtime, batch_id: str) -> list[int]:
     """Validate and plan. Returns the chunk indexes to dispatch (empty when there is nothing to run)."""
     store, settings = rt.store, rt.settings
-    fields = store.batch_fields(batch_id)
-    status = fields.get("status")
-    if not fields or status in TERMINAL_STATUSES:
+    record = store.batch_record(batch_id)
+    if record is None or record.state.terminal:
         return []
-    if "n_chunks" in fields:
-        # Planned already (a re-delivered orchestrate): send whatever has not committed yet.
-        done = store.done_chunks(batch_id)
-        return [i for i in range(int(fields["n_chunks"])) if i not in done]
-    if status == "cancelling":
-        moved, _ = store.transition(batch_id, ("cancelling",), "cancelled", int(time.time()),
-                                    timestamp_field="cancelled_at", fields={"completed": "0", "failed": "0"},
-                                    terminal=True)
-        if moved:
-            batch_finished(rt, batch_id, "cancelled")
+    if record.state.planned:
+        return _resume(rt, record)
+    if record.state.status == CANCELLING:
+        rt.lifecycle.end(record, "end_cancelled", time.time(), Ending())
         return []
 
-    record = store.get_file(fields["input_file_id"])
+    spec = record.spec
+    uploaded = store.get_file(spec.input_file_id)
     try:
-        if record is None:
-            raise BlobNotFound(fields["input_file_id"])
-        rt.blobs.link(record.blob_key, batch_input_key(batch_id))
+        if uploaded is None:
+            raise BlobNotFound(spec.input_file_id)
+        rt.blobs.link(uploaded.blob_key, batch_input_key(batch_id))
     except BlobNotFound:
-        _fail(rt, batch_id, [LineError("file_not_found", f"The input file {fields['input_file_id']} no longer exists.")])
+        _fail(rt, record, [LineError("file_not_found", f"The input file {spec.input_file_id} no longer exists.")])
         return []
 
     size = rt.blobs.size(batch_input_key(batch_id))
     if size > settings.max_batch_input_bytes:
-        _fail(rt, batch_id, [LineError(
+        _fail(rt, record, [LineError(
             "file_too_large",
             f"The batch input file is larger than the {settings.max_batch_input_bytes} maximum. "
             "Please try again with a smaller batch.",
         )])
         return []
     with rt.blobs.open(batch_input_key(batch_id)) as source:
-        scan = scan_input(source, fields["endpoint"], max_lines=settings.max_batch_lines)
+        scan = scan_input(source, spec.endpoint, max_lines=settings.max_batch_lines,
+                          max_line_bytes=settings.max_line_bytes)
     if scan.errors:
-        _fail(rt, batch_id, scan.errors)
+        _fail(rt, record, scan.errors)
         return []
 
-    provider = rt.providers.get(fields.get("provider", "")) or rt.providers.for_tenant_model(
-        fields.get("tenant", ""), scan.model
-    )
+    provider = rt.providers.get(record.state.provider or "") or rt.providers.for_tenant_model(spec.tenant, scan.model)
     if provider is None:
-        _fail(rt, batch_id, [LineError("provider_not_allowed",
-                                       f"No provider this API key may use serves the model '{scan.model}'.")])
+        _fail(rt, record, [LineError("provider_not_allowed",
+                                     f"No provider this API key may use serves the model '{scan.model}'.")])
         return []
     size_per_chunk = chunk_size_for(
         scan.total,
@@ -92,20 +82,21 @@ def orchestrate(rt: Runtime, batch_id: str) -> list[int]:
         maximum=settings.chunk_max_requests,
         concurrency=provider.max_concurrency,
         waves=settings.chunk_waves,
-        processes=pool_processes(store.r),
+        processes=store.pool_processes(),
     )
     if provider.rpm:
         # A rate-limited chunk must still finish well inside its time limit.
         size_per_chunk = max(1, min(size_per_chunk, provider.rpm * settings.chunk_time_limit_s // 120))
-    chunks = plan_chunks(scan, size_per_chunk)
-    now = int(time.time())
+    chunks = plan_chunks(scan, size_per_chunk, max_bytes=MAX_CHUNK_BYTES)
+    now = time.time()
     store.save_plan(
         batch_id,
         chunks,
-        {"total": str(scan.total), "model": scan.model or "", "provider": provider.name, "dispatched_at": str(now)},
+        {"total": str(scan.total), "model": scan.model or "", "provider": provider.name,
+         "dispatched_at": str(int(now))},
     )
-    moved, status = store.transition(batch_id, ("validating",), "in_progress", now, timestamp_field="in_progress_at")
-    if not moved and status in TERMINAL_STATUSES:
+    outcome = rt.lifecycle.start(record, now)
+    if not outcome.moved and outcome.status not in (CANCELLING, "in_progress"):
         return []
     log.info("batch %s: %d requests in %d chunks of %d", batch_id, scan.total, len(chunks), size_per_chunk)
     return [c.index for c in chunks]

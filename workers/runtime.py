@@ -10,12 +10,13 @@ import asyncio
 import os
 
 import aiohttp
-import redis.asyncio as aioredis
 
 from shared.blobs import BlobStore, make_blob_store
+from shared.lifecycle import Lifecycle
 from shared.providers import Provider, ProviderRegistry, get_registry
 from shared.settings import Settings, get_settings
 from shared.store import Store
+from shared.store_ratelimit import LimiterStore
 from workers.ratelimit import ProviderLimiter
 
 
@@ -34,14 +35,16 @@ class Runtime:
         self.store = Store.from_url(settings.redis_url)
         self.blobs: BlobStore = make_blob_store(settings)
         self.providers: ProviderRegistry = get_registry()
+        self.lifecycle = Lifecycle(self.store, cleanup_delay_s=settings.cleanup_delay_s,
+                                   wants_webhooks=lambda tenant: self.providers.webhook(tenant) is not None)
         self.runner = asyncio.Runner(loop_factory=_loop_factory())
         self._sessions: dict[str, aiohttp.ClientSession] = {}
         self._limiters: dict[str, ProviderLimiter] = {}
-        self._async_redis: aioredis.Redis | None = None
+        self._limiter_store: LimiterStore | None = None
 
     def warm_up(self) -> None:
         try:
-            self.store.r.ping()
+            self.store.ping()
         except Exception:  # noqa: BLE001 - Redis may be down at start; the first task will wait for it instead
             pass
 
@@ -59,9 +62,9 @@ class Runtime:
             return None
         limiter = self._limiters.get(provider.name)
         if limiter is None:
-            if self._async_redis is None:
-                self._async_redis = aioredis.Redis.from_url(self.settings.redis_url)
-            limiter = self._limiters[provider.name] = ProviderLimiter(self._async_redis, provider)
+            if self._limiter_store is None:
+                self._limiter_store = LimiterStore.from_url(self.settings.redis_url)
+            limiter = self._limiters[provider.name] = ProviderLimiter(self._limiter_store, provider)
         return limiter
 
     def run(self, coro):
@@ -71,8 +74,8 @@ class Runtime:
         async def _close_all() -> None:
             for session in self._sessions.values():
                 await session.close()
-            if self._async_redis is not None:
-                await self._async_redis.aclose()
+            if self._limiter_store is not None:
+                await self._limiter_store.close()
 
         try:
             self.runner.run(_close_all())

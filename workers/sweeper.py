@@ -1,4 +1,5 @@
-"""The sweeper: re-drives whatever a lost message or a dead worker left behind, and applies expiry.
+"""The sweeper: carries out the recovery rules of shared/recovery.py for every active batch, delivers the outbox
+(due clean-ups, webhooks whose message was lost) and deletes expired files.
 
 Run periodically by celery beat. It decides only from state in Redis, so running it twice, or from two beats at
 once, is harmless; a lock keeps two sweeps from overlapping anyway.
@@ -11,26 +12,26 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from shared import metrics
 from shared.file_service import expire_files
+from shared.lifecycle import Ending
 from shared.queue import CHUNKS_QUEUE
-from shared.store import batch_key
-from workers import webhooks
+from shared.recovery import Action, Timing, recover
+from workers import chunk, webhooks
 from workers.runtime import Runtime
 
 log = logging.getLogger("batchgate.sweeper")
 
-LOCK_KEY = "bg:sweeper:lock"
-
 
 @dataclass
 class Repairs:
-    orchestrate: list[str] = field(default_factory=list)
+    actions: list[tuple[str, str]] = field(default_factory=list)  # (batch id, action kind)
     chunks: list[tuple[str, int]] = field(default_factory=list)
-    finalize: list[str] = field(default_factory=list)
-    expired: list[str] = field(default_factory=list)
     files_deleted: int = 0
+    cleaned: list[str] = field(default_factory=list)
     webhooks: list[str] = field(default_factory=list)
+
+    def of(self, kind: str) -> list[str]:
+        return [batch_id for batch_id, k in self.actions if k == kind]
 
 
 @dataclass
@@ -41,92 +42,98 @@ class Dispatch:
     webhook: Callable[[str], None] = lambda event_id: None
 
 
-def _age(fields: dict, name: str, now: float) -> float:
-    value = fields.get(name)
-    return now - float(value) if value else float("inf")
-
-
 def sweep(rt: Runtime, dispatch: Dispatch) -> Repairs | None:
     store, settings = rt.store, rt.settings
     token = str(time.time())
-    if not store.r.set(LOCK_KEY, token, nx=True, px=int(max(settings.sweep_interval_s, 1) * 2000)):
+    if not store.acquire_sweeper_lock(token, max(settings.sweep_interval_s, 1) * 2):
         return None
     repairs = Repairs()
     try:
         now = time.time()
-        queue_idle = store.r.llen(CHUNKS_QUEUE) == 0
+        queue_idle = store.queue_depth(CHUNKS_QUEUE) == 0
+        timing = Timing(redrive_after_s=settings.redrive_after_s)
         for batch_id in store.active_batch_ids():
-            _sweep_batch(rt, batch_id, now, queue_idle, dispatch, repairs)
+            try:
+                _sweep_batch(rt, batch_id, now, timing, queue_idle, dispatch, repairs)
+            except Exception:  # noqa: BLE001 - one batch's trouble must not stop the others' recovery
+                log.exception("sweeping %s failed", batch_id)
+        for batch_id in store.due_cleanups(now):
+            clean_up(rt, batch_id)
+            repairs.cleaned.append(batch_id)
         repairs.files_deleted = expire_files(store, rt.blobs, int(now))
-        for event_id in webhooks.overdue_events(rt, grace_s=max(settings.redrive_after_s, 30.0)):
+        for event_id in webhooks.due_events(rt):
             dispatch.webhook(event_id)
             repairs.webhooks.append(event_id)
     finally:
-        if store.r.get(LOCK_KEY) == token:
-            store.r.delete(LOCK_KEY)
-    counts = {"orchestrate": len(repairs.orchestrate), "chunk": len(repairs.chunks),
-              "finalize": len(repairs.finalize), "expire": len(repairs.expired), "file_deleted": repairs.files_deleted,
-              "webhook": len(repairs.webhooks)}
+        store.release_sweeper_lock(token)
+    counts: dict[str, int] = {}
+    for _, kind in repairs.actions:
+        counts[kind] = counts.get(kind, 0) + 1
+    counts.update({"file_deleted": repairs.files_deleted, "webhook": len(repairs.webhooks),
+                   "cleanup": len(repairs.cleaned)})
     for kind, n in counts.items():
         if n:
-            metrics.increment(store.r, "sweeper_repairs", kind, n)
-    if repairs.orchestrate or repairs.chunks or repairs.finalize or repairs.expired:
-        log.warning("sweeper repairs: %s", repairs)
+            store.increment("sweeper_repairs", kind, n)
+    if repairs.actions:
+        log.warning("sweeper repairs: %s", repairs.actions)
     return repairs
 
 
-def _sweep_batch(rt: Runtime, batch_id: str, now: float, queue_idle: bool, dispatch: Dispatch, repairs: Repairs) -> None:
-    store, settings = rt.store, rt.settings
-    fields = store.batch_fields(batch_id)
-    if not fields:
-        store.r.zrem("bg:active", batch_id)
+def _sweep_batch(rt: Runtime, batch_id: str, now: float, timing: Timing, queue_idle: bool, dispatch: Dispatch,
+                 repairs: Repairs) -> None:
+    store = rt.store
+    record = store.batch_record(batch_id)
+    if record is None:
+        store.forget_active(batch_id)
         return
-    status = fields["status"]
-    planned = "n_chunks" in fields
-    redrive_after = settings.redrive_after_s
-
-    if int(fields.get("expires_at", 0) or 0) <= now and status in ("validating", "in_progress") and not fields.get("stop"):
-        if planned:
-            store.r.hsetnx(batch_key(batch_id), "stop", "expired")
-        else:
-            moved, _ = store.transition(batch_id, ("validating",), "expired", int(now), timestamp_field="expired_at",
-                                        fields={"completed": "0", "failed": "0"}, terminal=True)
-            if moved:
-                webhooks.batch_finished(rt, batch_id, "expired")
-        repairs.expired.append(batch_id)
+    if record.state.terminal:  # a terminal move always leaves the active set; this is a record from before that
+        store.forget_active(batch_id)
         return
+    facts = store.execution_facts(batch_id, record.state.n_chunks or 0) if record.state.planned else None
+    for action in recover(record, facts, now, timing, queue_idle):
+        _carry_out(rt, record, action, now, dispatch, repairs)
 
-    if not planned:
-        if status in ("validating", "cancelling") and _age(fields, "updated_at", now) > redrive_after:
-            if _age(fields, "orchestrate_sent_at", now) > redrive_after:
-                store.set_batch_fields(batch_id, {"orchestrate_sent_at": str(int(now))})
-                dispatch.orchestrate(batch_id)
-                repairs.orchestrate.append(batch_id)
-        return
 
-    n_chunks = int(fields["n_chunks"])
-    done = store.done_chunks(batch_id)
-    if len(done) >= n_chunks:
-        if _age(fields, "finalize_sent_at", now) > redrive_after and _age(fields, "updated_at", now) > redrive_after / 2:
-            store.set_batch_fields(batch_id, {"finalize_sent_at": str(int(now))})
+def _carry_out(rt: Runtime, record, action: Action, now: float, dispatch: Dispatch, repairs: Repairs) -> None:
+    store, batch_id = rt.store, record.id
+    repairs.actions.append((batch_id, action.kind))
+    if action.kind == "orchestrate":
+        store.mark_sent(batch_id, "orchestrate", now)
+        dispatch.orchestrate(batch_id)
+    elif action.kind == "start":
+        # The planning run died before starting the batch; orchestrate starts it and returns its chunks.
+        store.mark_sent(batch_id, "orchestrate", now)
+        dispatch.orchestrate(batch_id)
+    elif action.kind == "expire":
+        rt.lifecycle.end(record, "expire", now, Ending())
+    elif action.kind == "end_cancelled":
+        rt.lifecycle.end(record, "end_cancelled", now, Ending())
+    elif action.kind == "stop":
+        store.set_stop(batch_id, action.reason or "expired")
+    elif action.kind == "close_chunks":
+        last = False
+        for index in action.chunks:
+            last = chunk.run_chunk(rt, batch_id, index, node="sweeper", close=action.reason) or last
+            repairs.chunks.append((batch_id, index))
+        if last:
             dispatch.finalize(batch_id)
-            repairs.finalize.append(batch_id)
-        return
-
-    missing = [i for i in range(n_chunks) if i not in done]
-    leased = store.lease_held(batch_id, missing)
-    attempts = store.r.hgetall(f"{batch_key(batch_id)}:attempts")
-    redriven = store.r.hgetall(f"{batch_key(batch_id)}:redriven")
-    for index, held in zip(missing, leased):
-        if held:
-            continue
-        started = str(index) in attempts
-        last_sent = max(float(redriven.get(str(index), 0)), float(fields.get("dispatched_at", 0)))
-        if now - last_sent <= redrive_after:
-            continue
-        # A started chunk with no live lease lost its runner; one never started was lost with its message,
-        # which is only certain when nothing is waiting in the queue.
-        if started or queue_idle:
-            store.r.hset(f"{batch_key(batch_id)}:redriven", str(index), str(int(now)))
+    elif action.kind == "redrive_chunks":
+        for index in action.chunks:
+            store.mark_redriven(batch_id, index, now)
             dispatch.chunk(batch_id, index)
             repairs.chunks.append((batch_id, index))
+    elif action.kind == "finalize":
+        store.mark_sent(batch_id, "finalize", now)
+        dispatch.finalize(batch_id)
+
+
+def clean_up(rt: Runtime, batch_id: str) -> None:
+    """Delete a finished batch's working blobs and execution keys (its record and files stay)."""
+    record = rt.store.batch_record(batch_id)
+    if record is not None and not record.state.terminal:
+        rt.store.cleanup_done(batch_id)  # restored from before its end: it is running again, keep its state
+        return
+    rt.blobs.delete_prefix(chunk.batch_blob_prefix(batch_id))
+    if record is not None:
+        rt.store.delete_working_state(batch_id, record.state.n_chunks or 0)
+    rt.store.cleanup_done(batch_id)

@@ -21,8 +21,6 @@ from workers.runtime import get_runtime
 
 log = logging.getLogger("batchgate.tasks")
 
-FINALIZE_LOCK_S = 120
-
 
 def send_chunk(batch_id: str, index: int) -> None:
     run_chunk_task.apply_async(args=[batch_id, index], queue=CHUNKS_QUEUE)
@@ -40,13 +38,25 @@ def send_webhook(event_id: str) -> None:
     deliver_webhook_task.apply_async(args=[event_id], queue=CONTROL_QUEUE)
 
 
-webhooks.set_sender(send_webhook)
+def _send_event(batch_id: str, status: str | None) -> None:
+    """The fast path of a finished batch's webhook; the sweeper delivers it if this message is lost."""
+    if status is None:
+        return
+    rt = get_runtime()
+    record = rt.store.batch_record(batch_id)
+    event_id = webhooks.event_for(rt, batch_id, status, record.spec.tenant if record else "")
+    if event_id is not None:
+        send_webhook(event_id)
 
 
 @app.task(name=ORCHESTRATE, ignore_result=True)
 def orchestrate_task(batch_id: str) -> None:
-    indexes = orchestrate.orchestrate(get_runtime(), batch_id)
+    rt = get_runtime()
+    indexes = orchestrate.orchestrate(rt, batch_id)
     if not indexes:
+        record = rt.store.batch_record(batch_id)
+        if record is not None and record.state.terminal:
+            _send_event(batch_id, record.state.status)
         return
     # The chord is the fast path to finalize; the last chunk to commit and the sweeper are the others.
     header = group(run_chunk_task.si(batch_id, i).set(queue=CHUNKS_QUEUE) for i in indexes)
@@ -69,14 +79,7 @@ def run_chunk_task(self, batch_id: str, index: int) -> int:
 
 @app.task(name=FINALIZE, ignore_result=True)
 def finalize_task(batch_id: str) -> None:
-    rt = get_runtime()
-    lock = f"bg:batch:{batch_id}:finalize-lock"
-    if not rt.store.r.set(lock, "1", nx=True, ex=FINALIZE_LOCK_S):
-        return
-    try:
-        finalize.finalize(rt, batch_id)
-    finally:
-        rt.store.r.delete(lock)
+    _send_event(batch_id, finalize.finalize(get_runtime(), batch_id))
 
 
 @app.task(name=SWEEP, ignore_result=True)

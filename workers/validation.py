@@ -1,18 +1,30 @@
-"""Validating a batch's input file in one streamed pass, and planning its chunks as byte ranges."""
+"""Validating a batch's input file in one streamed pass, and planning its chunks as byte ranges.
+
+Each line is decoded into the typed `InputLine` of shared/lines.py. Two bounds keep any input within the documented
+limits harmless to the processes that read it: a line may hold at most `max_line_bytes` (read with that limit, never
+whole), and its body may nest at most `MAX_NESTING` levels deep.
+"""
 
 from __future__ import annotations
 
 import math
+import re
 from array import array
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import BinaryIO, Iterator
 
-import orjson
+import msgspec
 
-from shared.store import ChunkSpec
+from shared.lines import InputLine, decode_body_head, decode_input
+from shared.store_exec import ChunkSpec
 
 MAX_ERRORS = 100
+MAX_NESTING = 64
 BOM = b"\xef\xbb\xbf"
+_SKIP_PIECE = 1024 * 1024
+
+_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 
 
 @dataclass
@@ -39,16 +51,55 @@ class ScanResult:
         return len(self.starts)
 
 
-def _check_line(obj: object, line_no: int, endpoint: str, result: ScanResult, seen: set[str]) -> LineError | None:
-    if not isinstance(obj, dict):
+def nesting_depth(raw: bytes, limit: int) -> int:
+    """How deep a JSON text nests (counting at most to `limit + 1`), without building it."""
+    brackets = _STRINGS.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    if len(brackets) <= 2 * limit:
+        return min(limit, len(brackets) // 2)  # too few brackets to go past the limit
+    depth = deepest = 0
+    for byte in brackets:
+        depth += 1 if byte in b"[{" else -1
+        if depth > deepest:
+            deepest = depth
+            if deepest > limit:
+                break
+    return deepest
+
+
+_FIELD_ERRORS = {
+    "custom_id": ("invalid_custom_id", "The custom_id must be a non-empty string."),
+    "method": ("invalid_method", "Only the POST method is supported."),
+    "url": ("invalid_url", "The url must be a string naming the batch endpoint."),
+}
+
+
+def _shape_error(exc: msgspec.ValidationError, line_no: int) -> LineError:
+    """The line's error, from the typed decoder's complaint about it."""
+    text = str(exc)
+    missing = re.match(r"Object missing required field `(\w+)`", text)
+    if missing:
+        name = missing.group(1)
+        return LineError("missing_required_parameter", f"Missing required parameter: '{name}'.", line_no, name)
+    at = re.search(r"at `\$\.(\w+)`", text)
+    if at is None:
+        return LineError("invalid_json_line", "This line is not a JSON object.", line_no)
+    name = at.group(1)
+    if "got `null`" in text:
+        return LineError("missing_required_parameter", f"Missing required parameter: '{name}'.", line_no, name)
+    code, message = _FIELD_ERRORS.get(name, ("invalid_value", f"Invalid '{name}'."))
+    return LineError(code, message, line_no, name)
+
+
+def check_line(raw: bytes, line_no: int, endpoint: str, result: ScanResult, seen: set[str]) -> LineError | None:
+    try:
+        line = decode_input(raw)
+    except msgspec.ValidationError as exc:
+        return _shape_error(exc, line_no)
+    except msgspec.DecodeError:
         return LineError("invalid_json_line", "This line is not parseable as valid JSON.", line_no)
-    for name in ("custom_id", "method", "url", "body"):
-        if name not in obj or obj[name] is None:
-            return LineError("missing_required_parameter", f"Missing required parameter: '{name}'.", line_no, name)
-    custom_id = obj["custom_id"]
-    if not isinstance(custom_id, str) or not custom_id:
+    if not line.custom_id:
         return LineError("invalid_custom_id", "The custom_id must be a non-empty string.", line_no, "custom_id")
-    if custom_id in seen:
+    if line.custom_id in seen:
         return LineError(
             "duplicate_custom_id",
             "The custom_id for this request is a duplicate of another request. "
@@ -56,22 +107,24 @@ def _check_line(obj: object, line_no: int, endpoint: str, result: ScanResult, se
             line_no,
             "custom_id",
         )
-    seen.add(custom_id)
-    if obj["method"] != "POST":
+    seen.add(line.custom_id)
+    if line.method != "POST":
         return LineError("invalid_method", "Only the POST method is supported.", line_no, "method")
-    if obj["url"] != endpoint:
-        return LineError(
-            "invalid_url",
-            f"The url '{str(obj['url'])[:200]}' does not match the batch endpoint '{endpoint}'.",
-            line_no,
-            "url",
-        )
-    body = obj["body"]
-    if not isinstance(body, dict):
+    if line.url != endpoint:
+        return LineError("invalid_url", f"The url '{line.url[:200]}' does not match the batch endpoint '{endpoint}'.",
+                         line_no, "url")
+    body = bytes(line.body)
+    if nesting_depth(body, MAX_NESTING) > MAX_NESTING:
+        return LineError("invalid_body", f"The body nests more than {MAX_NESTING} levels deep.", line_no, "body")
+    try:
+        head = decode_body_head(body)
+    except (msgspec.ValidationError, msgspec.DecodeError):
         return LineError("invalid_body", "The body must be a JSON object.", line_no, "body")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
+    model = head.model
+    if model is None:
         return LineError("missing_required_parameter", "Missing required parameter: 'body.model'.", line_no, "body.model")
+    if not isinstance(model, str) or not model:
+        return LineError("invalid_body", "The body's 'model' must be a non-empty string.", line_no, "body.model")
     if result.model is None:
         result.model = model
     elif model != result.model:
@@ -85,32 +138,51 @@ def _check_line(obj: object, line_no: int, endpoint: str, result: ScanResult, se
     return None
 
 
-def scan_input(source: BinaryIO, endpoint: str, *, max_lines: int) -> ScanResult:
+def _lines(source: BinaryIO, max_line_bytes: int) -> Iterator[tuple[bytes, int, bool]]:
+    """(line, its length in the file, whether it was cut at the limit); a cut line's rest is skipped, not held."""
+    while True:
+        raw = source.readline(max_line_bytes + 1)
+        if not raw:
+            return
+        if len(raw) <= max_line_bytes or raw.endswith(b"\n"):
+            yield raw, len(raw), False
+            continue
+        length = len(raw)
+        while not raw.endswith(b"\n"):
+            raw = source.readline(_SKIP_PIECE)
+            if not raw:
+                break
+            length += len(raw)
+        yield b"", length, True
+
+
+def scan_input(source: BinaryIO, endpoint: str, *, max_lines: int, max_line_bytes: int = 8 * 1024 * 1024
+               ) -> ScanResult:
     """Read the input once, line by line: its errors (first 100) and the byte range of every request line."""
     result = ScanResult()
     seen: set[str] = set()
     offset = 0
     line_no = 0
-    for raw in source:
+    for raw, length, cut in _lines(source, max_line_bytes):
         start = offset
-        offset += len(raw)
+        offset += length
         line_no += 1
-        text = raw
-        if line_no == 1 and text.startswith(BOM):
-            text = text[len(BOM) :]
-            start += len(BOM)
-        if not text.strip():
-            continue
-        if result.total >= max_lines:
-            result.errors.append(
-                LineError("too_many_requests", f"The input file has more than the maximum of {max_lines} requests.")
-            )
-            break
-        try:
-            obj = orjson.loads(text)
-        except orjson.JSONDecodeError:
-            obj = None
-        error = _check_line(obj, line_no, endpoint, result, seen)
+        if cut:
+            error: LineError | None = LineError(
+                "line_too_large", f"This line is longer than the {max_line_bytes} byte limit for one request.", line_no)
+        else:
+            text = raw
+            if line_no == 1 and text.startswith(BOM):
+                text = text[len(BOM):]
+                start += len(BOM)
+            if not text.strip():
+                continue
+            if result.total >= max_lines:
+                result.errors.append(
+                    LineError("too_many_requests", f"The input file has more than the maximum of {max_lines} requests.")
+                )
+                break
+            error = check_line(text, line_no, endpoint, result, seen)
         if error is not None:
             result.errors.append(error)
             if len(result.errors) >= MAX_ERRORS:
@@ -143,26 +215,27 @@ def chunk_size_for(total: int, *, target_chunks: int, minimum: int, maximum: int
     return max(1, math.ceil(total / count))
 
 
-def plan_chunks(scan: ScanResult, size: int) -> list[ChunkSpec]:
-    chunks = []
-    for index, first in enumerate(range(0, scan.total, size)):
+def plan_chunks(scan: ScanResult, size: int, max_bytes: int = 0) -> list[ChunkSpec]:
+    """Chunks of `size` requests, cut sooner where a chunk would pass `max_bytes` of input (0: no byte bound)."""
+    chunks: list[ChunkSpec] = []
+    first = 0
+    while first < scan.total:
         last = min(first + size, scan.total) - 1
-        chunks.append(
-            ChunkSpec(
-                index=index,
-                start=scan.starts[first],
-                end=scan.ends[last],
-                first_line=scan.line_numbers[first],
-                n_lines=last - first + 1,
-            )
-        )
+        if max_bytes:
+            while last > first and scan.ends[last] - scan.starts[first] > max_bytes:
+                last = first + (last - first) // 2
+        chunks.append(ChunkSpec(index=len(chunks), start=scan.starts[first], end=scan.ends[last],
+                                first_line=scan.line_numbers[first], n_lines=last - first + 1))
+        first = last + 1
     return chunks
 
 
-def iter_chunk_lines(data: bytes, first_line: int):
-    """The request lines of a chunk's bytes as (line number, parsed object); blank lines are skipped."""
+def iter_chunk_lines(data: bytes, first_line: int) -> Iterator[tuple[int, InputLine]]:
+    """The request lines of a chunk's bytes as (line number, typed line); blank lines are skipped."""
     line_no = first_line
     for raw in data.split(b"\n"):
         if raw.strip():
-            yield line_no, orjson.loads(raw)
+            if line_no == 1 and raw.startswith(BOM):
+                raw = raw[len(BOM):]
+            yield line_no, decode_input(raw)
         line_no += 1

@@ -1,71 +1,32 @@
 """Webhooks: `batch.completed|failed|expired|cancelled` events, signed per Standard Webhooks, retried with backoff.
 
-An event gets a fixed id from its batch and type, is queued once when the batch ends, and is delivered until the
-receiver answers 2xx; a delivered event is never sent again. Delivery never holds up the batch itself.
+A batch's terminal move writes its event (a fixed id from the batch and type) and puts it in the pending set, in the
+same transaction as the status (shared/lifecycle.py). This module delivers pending events until the receiver answers
+2xx: a deliverer first claims an event by pushing its due time past the attempt, so a duplicate message or the
+sweeper finds it not due; a delivered event is never sent again. Delivery never holds up the batch itself.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from datetime import datetime, timezone
-from typing import Callable
 
 import httpx
 import orjson
 from standardwebhooks.webhooks import Webhook
 
+from shared.lifecycle import WEBHOOK_EVENTS, webhook_event_id
 from workers.runtime import Runtime
 
 log = logging.getLogger("batchgate.webhooks")
 
-PENDING = "bg:webhooks:pending"
-EVENT_TYPES = {"completed": "batch.completed", "failed": "batch.failed", "expired": "batch.expired",
-               "cancelled": "batch.cancelled"}
 
-
-def event_key(event_id: str) -> str:
-    return f"bg:event:{event_id}"
-
-
-def event_id_for(batch_id: str, event_type: str) -> str:
-    return "evt_" + hashlib.sha256(f"{batch_id}:{event_type}".encode()).hexdigest()[:24]
-
-
-def queue_event(rt: Runtime, batch_id: str, status: str) -> str | None:
-    """Record the event of a batch that just ended, if its tenant wants webhooks. Returns the event id."""
-    fields = rt.store.batch_fields(batch_id)
-    tenant = fields.get("tenant", "")
-    if status not in EVENT_TYPES or rt.providers.webhook(tenant) is None:
+def event_for(rt: Runtime, batch_id: str, status: str, tenant: str) -> str | None:
+    """The id of the event a batch's terminal move wrote, if its tenant wants webhooks."""
+    if status not in WEBHOOK_EVENTS or rt.providers.webhook(tenant) is None:
         return None
-    event_type = EVENT_TYPES[status]
-    event_id = event_id_for(batch_id, event_type)
-    created = rt.store.r.hsetnx(event_key(event_id), "type", event_type)
-    if created:
-        rt.store.r.hset(event_key(event_id), mapping={
-            "tenant": tenant, "batch_id": batch_id, "created_at": str(int(time.time())), "attempts": "0"})
-        rt.store.r.zadd(PENDING, {event_id: time.time()})
-    return event_id
-
-
-_send: Callable[[str], None] | None = None
-
-
-def set_sender(send: Callable[[str], None]) -> None:
-    """How a queued event is handed to a delivery task (set by the task module; the sweeper is the fallback)."""
-    global _send
-    _send = send
-
-
-def batch_finished(rt: Runtime, batch_id: str, status: str) -> None:
-    """Called once per batch, by whichever step moved it to a terminal status."""
-    try:
-        event_id = queue_event(rt, batch_id, status)
-        if event_id is not None and _send is not None:
-            _send(event_id)
-    except Exception:  # noqa: BLE001 - a webhook must never hold up or fail the batch; the sweeper re-drives
-        log.exception("could not queue the webhook of %s", batch_id)
+    return webhook_event_id(batch_id, WEBHOOK_EVENTS[status])
 
 
 def payload(event: dict, event_id: str) -> bytes:
@@ -74,44 +35,45 @@ def payload(event: dict, event_id: str) -> bytes:
 
 
 def deliver(rt: Runtime, event_id: str) -> float | None:
-    """Try once. Returns None when done (delivered, given up, or nothing to send), else seconds until the next try."""
-    r = rt.store.r
-    event = r.hgetall(event_key(event_id))
+    """Try once. Returns None when done (delivered, given up, not due, or nothing to send), else seconds until the
+    next try."""
+    store, settings = rt.store, rt.settings
+    event = store.webhook_event(event_id)
     if not event or event.get("delivered_at") or event.get("abandoned_at"):
-        r.zrem(PENDING, event_id)
+        store.forget_webhook_event(event_id)
         return None
     config = rt.providers.webhook(event["tenant"])
     if config is None:
-        r.zrem(PENDING, event_id)
+        store.forget_webhook_event(event_id)
         return None
-    attempts = int(r.hincrby(event_key(event_id), "attempts", 1))
+    if not store.claim_webhook_event(event_id, time.time() + 1.0, settings.webhook_timeout_s + 5):
+        return None  # another deliverer has it, or its next try is not due yet
+    attempts = store.count_webhook_attempt(event_id)
     body = payload(event, event_id)
     now = datetime.now(tz=timezone.utc)
     signature = Webhook(config.webhook_secret.get_secret_value()).sign(event_id, now, body.decode())
     headers = {"content-type": "application/json", "webhook-id": event_id,
                "webhook-timestamp": str(int(now.timestamp())), "webhook-signature": signature}
     try:
-        resp = httpx.post(config.webhook_url, content=body, headers=headers, timeout=rt.settings.webhook_timeout_s)
+        resp = httpx.post(config.webhook_url, content=body, headers=headers, timeout=settings.webhook_timeout_s)
         ok = 200 <= resp.status_code < 300
         outcome = str(resp.status_code)
     except httpx.HTTPError as exc:
         ok, outcome = False, type(exc).__name__
     if ok:
-        r.hset(event_key(event_id), "delivered_at", str(int(time.time())))
-        r.zrem(PENDING, event_id)
+        store.close_webhook_event(event_id, "delivered", time.time())
         log.info("webhook %s (%s) delivered", event_id, event["type"])
         return None
-    if attempts >= rt.settings.webhook_max_attempts:
-        r.hset(event_key(event_id), "abandoned_at", str(int(time.time())))
-        r.zrem(PENDING, event_id)
+    if attempts >= settings.webhook_max_attempts:
+        store.close_webhook_event(event_id, "abandoned", time.time())
         log.error("webhook %s abandoned after %d attempts (last: %s)", event_id, attempts, outcome)
         return None
-    delay = min(300.0, rt.settings.webhook_retry_base_s * 2 ** (attempts - 1))
-    r.zadd(PENDING, {event_id: time.time() + delay})
+    delay = min(300.0, settings.webhook_retry_base_s * 2 ** (attempts - 1))
+    store.reschedule_webhook_event(event_id, time.time() + delay)
     log.warning("webhook %s attempt %d failed (%s); next in %.1fs", event_id, attempts, outcome, delay)
     return delay
 
 
-def overdue_events(rt: Runtime, grace_s: float) -> list[str]:
-    """Events whose next try is long past: their task message was lost."""
-    return rt.store.r.zrangebyscore(PENDING, "-inf", time.time() - grace_s, start=0, num=500)
+def due_events(rt: Runtime) -> list[str]:
+    """Events due now whose delivery message may have been lost (a claimed event is not due until its claim ends)."""
+    return rt.store.due_webhook_events(time.time() - 1.0)

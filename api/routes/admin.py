@@ -8,7 +8,6 @@ from fastapi import APIRouter, Request
 
 from api.deps import SettingsDep, StoreDep
 from shared.errors import AuthenticationFailed
-from shared.usage import tenant_usage
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 
@@ -24,4 +23,4 @@ def require_admin(request: Request, settings) -> None:
 def usage(request: Request, store: StoreDep, settings: SettingsDep) -> dict:
     """Token and request totals per tenant, over every batch that has ended."""
     require_admin(request, settings)
-    return {"object": "usage", "tenants": tenant_usage(store)}
+    return {"object": "usage", "tenants": store.tenant_usage()}

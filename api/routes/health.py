@@ -13,7 +13,7 @@ router = APIRouter(include_in_schema=False)
 @router.get("/healthz")
 async def healthz(reader: BatchReaderDep) -> dict:
     try:
-        await reader.r.ping()
+        await reader.ping()
     except Exception:  # noqa: BLE001
         raise ServiceUnavailable("Redis is not reachable.") from None
     return {"status": "ok"}

@@ -60,9 +60,11 @@ class Deployment:
         self.group.start("api", stack.api_command(self.api_port, self.api_workers))
         stack.wait_for_http(f"http://127.0.0.1:{self.api_port}/healthz")
 
-    def start_worker(self, name: str = "w1", concurrency: int = 2, env: dict[str, str] | None = None) -> subprocess.Popen:
-        """A `celery worker`; `env` overrides settings for this one (e.g. a data dir of its own, as on another host)."""
-        proc = self.group.start(name, stack.worker_command(concurrency, name=name), env=env)
+    def start_worker(self, name: str = "w1", concurrency: int = 2, env: dict[str, str] | None = None,
+                     app: str = "workers.celery_app") -> subprocess.Popen:
+        """A `celery worker`; `env` overrides settings for this one (e.g. a data dir of its own, as on another host),
+        `app` the Celery app module it loads (a test's variant of batchgate's)."""
+        proc = self.group.start(name, stack.worker_command(concurrency, name=name, app=app), env=env)
         deadline = time.monotonic() + 30
         while len(self.worker_children(name)) < concurrency:
             if time.monotonic() > deadline or proc.poll() is not None:

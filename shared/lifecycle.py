@@ -1,0 +1,307 @@
+"""A batch's life: its typed record, the table of moves between statuses, and one verb per move.
+
+Nothing else writes a status. A verb is one compare-and-set in Redis that writes, in the same transaction, the new
+status, its timestamp (set once), the fields that go with it and the side effects of a terminal move: the tenant's
+usage, the webhook event (an outbox entry its deliverer retries) and the clean-up of the batch's working state (an
+outbox entry the sweeper carries out). A crash between a status and its side effects cannot happen, because there
+is no "between".
+
+What the sweeper does for a batch that stopped making progress lives in `shared/recovery.py`, one rule per status.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from shared.schemas import Batch
+
+if TYPE_CHECKING:  # the store imports this module for the record type
+    from shared.store import Store
+
+VALIDATING, IN_PROGRESS, FINALIZING, CANCELLING = "validating", "in_progress", "finalizing", "cancelling"
+COMPLETED, FAILED, EXPIRED, CANCELLED = "completed", "failed", "expired", "cancelled"
+STATUSES = (VALIDATING, IN_PROGRESS, FINALIZING, CANCELLING, COMPLETED, FAILED, EXPIRED, CANCELLED)
+TERMINAL = frozenset({COMPLETED, FAILED, EXPIRED, CANCELLED})
+ACTIVE = frozenset(STATUSES) - TERMINAL
+
+
+@dataclass(frozen=True)
+class Move:
+    verb: str
+    froms: tuple[str, ...]
+    to: str
+    timestamp: str
+    why: str
+
+    @property
+    def terminal(self) -> bool:
+        return self.to in TERMINAL
+
+
+MOVES: dict[str, Move] = {m.verb: m for m in (
+    Move("start", (VALIDATING,), IN_PROGRESS, "in_progress_at", "input valid, chunks planned"),
+    Move("fail", (VALIDATING,), FAILED, "failed_at", "input invalid"),
+    Move("cancel", (VALIDATING, IN_PROGRESS), CANCELLING, "cancelling_at", "cancel requested"),
+    Move("finalize", (IN_PROGRESS,), FINALIZING, "finalizing_at", "every chunk committed"),
+    Move("complete", (FINALIZING,), COMPLETED, "completed_at", "files written"),
+    Move("end_cancelled", (CANCELLING,), CANCELLED, "cancelled_at", "cancelled lines written"),
+    Move("expire", (VALIDATING, IN_PROGRESS, CANCELLING), EXPIRED, "expired_at", "past expires_at"),
+    Move("lose", (IN_PROGRESS, FINALIZING, CANCELLING), FAILED, "failed_at", "input lost from storage"),
+)}
+
+# A verb asked of a batch already in one of these statuses succeeds without a move: cancelling a batch that is
+# cancelling or cancelled changes nothing, and one that is finalizing has no request left to cancel (it completes).
+NO_OP: dict[str, frozenset[str]] = {"cancel": frozenset({CANCELLING, CANCELLED, FINALIZING})}
+
+# Why a running batch's chunks stop sending, by the status it will end in.
+STOP_ENDINGS = {"cancelled": "end_cancelled", "expired": "expire"}
+
+WEBHOOK_EVENTS = {COMPLETED: "batch.completed", FAILED: "batch.failed", EXPIRED: "batch.expired",
+                  CANCELLED: "batch.cancelled"}
+
+TIMESTAMPS = ("in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at", "cancelling_at",
+              "cancelled_at")
+
+# Token counts are summed from what upstreams report; an absurd figure saturates here instead of overflowing the
+# int64 of a Redis counter, or the 2^53 a JavaScript client can hold exactly.
+USAGE_CEILING = 2**53 - 1
+
+
+def diagram() -> str:
+    """The table as a Mermaid state diagram (docs/architecture.md holds its output; a test keeps them equal)."""
+    lines = ["stateDiagram-v2", f"    [*] --> {VALIDATING}: create"]
+    for move in MOVES.values():
+        for source in move.froms:
+            lines.append(f"    {source} --> {move.to}: {move.verb}")
+    lines += [f"    {status} --> [*]" for status in STATUSES if status in TERMINAL]
+    return "\n".join(lines) + "\n"
+
+
+# ---- the record ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """What a batch is: fixed at create and never written again."""
+
+    id: str
+    tenant: str
+    scope: str
+    endpoint: str
+    input_file_id: str
+    completion_window: str
+    created_at: int
+    expires_at: int
+    metadata: dict[str, str] | None = None
+    output_ttl_s: int | None = None
+
+    def hash_fields(self) -> dict[str, str]:
+        fields = {"tenant": self.tenant, "scope": self.scope, "endpoint": self.endpoint,
+                  "input_file_id": self.input_file_id, "completion_window": self.completion_window,
+                  "created_at": str(self.created_at), "expires_at": str(self.expires_at),
+                  "metadata": orjson.dumps(self.metadata).decode()}
+        if self.output_ttl_s is not None:
+            fields["output_ttl"] = str(self.output_ttl_s)
+        return fields
+
+
+@dataclass(frozen=True)
+class BatchState:
+    """Where a batch is: written only by the verbs of this module and by the plan of its chunks."""
+
+    status: str
+    updated_at: int
+    timestamps: dict[str, int] = field(default_factory=dict)
+    provider: str | None = None  # named at create, or settled when the chunks are planned
+    model: str | None = None
+    total: int = 0
+    n_chunks: int | None = None  # None until planned
+    stop: str | None = None  # "cancelled" or "expired": the chunks must stop sending
+    completed: int | None = None  # final counts, once terminal
+    failed: int | None = None
+    usage: dict | None = None
+    errors: dict | None = None
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    dispatched_at: float = 0.0
+    orchestrate_sent_at: float = 0.0
+    finalize_sent_at: float = 0.0
+
+    @property
+    def planned(self) -> bool:
+        return self.n_chunks is not None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+
+def _int(value: str | None) -> int | None:
+    return int(value) if value not in (None, "") else None
+
+
+def _float(value: str | None) -> float:
+    return float(value) if value else 0.0
+
+
+def _json(value: str | None) -> Any:
+    return orjson.loads(value) if value else None
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    spec: BatchSpec
+    state: BatchState
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    @classmethod
+    def from_hash(cls, batch_id: str, f: dict[str, str]) -> "BatchRecord":
+        """Decode the batch hash; records written before this module (no `tenant`, say) decode too."""
+        spec = BatchSpec(
+            id=batch_id, tenant=f.get("tenant", ""), scope=f.get("scope", ""), endpoint=f["endpoint"],
+            input_file_id=f["input_file_id"], completion_window=f.get("completion_window") or "24h",
+            created_at=int(f["created_at"]), expires_at=int(f.get("expires_at") or 0),
+            metadata=_json(f.get("metadata")), output_ttl_s=_int(f.get("output_ttl")),
+        )
+        state = BatchState(
+            status=f["status"], updated_at=int(f.get("updated_at") or f["created_at"]),
+            timestamps={name: int(f[name]) for name in TIMESTAMPS if f.get(name)},
+            provider=f.get("provider") or None, model=f.get("model") or None, total=int(f.get("total") or 0),
+            n_chunks=_int(f.get("n_chunks")), stop=f.get("stop") or None,
+            completed=_int(f.get("completed")), failed=_int(f.get("failed")), usage=_json(f.get("usage")),
+            errors=_json(f.get("errors")), output_file_id=f.get("output_file_id") or None,
+            error_file_id=f.get("error_file_id") or None, dispatched_at=_float(f.get("dispatched_at")),
+            orchestrate_sent_at=_float(f.get("orchestrate_sent_at")), finalize_sent_at=_float(f.get("finalize_sent_at")),
+        )
+        return cls(spec, state)
+
+    def to_batch(self, live_completed: int, live_failed: int) -> Batch:
+        """The API's object. Live counts (committed chunks plus durable progress) show until final ones exist."""
+        s, st = self.spec, self.state
+        completed = st.completed if st.completed is not None else live_completed
+        failed = st.failed if st.failed is not None else live_failed
+        data: dict[str, Any] = {
+            "id": s.id, "endpoint": s.endpoint, "model": st.model, "errors": st.errors,
+            "input_file_id": s.input_file_id, "completion_window": s.completion_window, "status": st.status,
+            "output_file_id": st.output_file_id, "error_file_id": st.error_file_id, "created_at": s.created_at,
+            "expires_at": s.expires_at or None,
+            "request_counts": {"total": st.total, "completed": completed, "failed": failed},
+            "usage": st.usage, "metadata": s.metadata,
+        }
+        for name in TIMESTAMPS:
+            data[name] = st.timestamps.get(name)
+        return Batch.model_validate(data)
+
+
+# ---- moves and their side effects -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ending:
+    """What a terminal move records with the status: the final counts, usage and files, or why the batch failed."""
+
+    completed: int = 0
+    failed: int = 0
+    usage: list[int] = field(default_factory=lambda: [0, 0, 0, 0, 0])
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    errors: list[dict] | None = None
+
+    def fields(self) -> dict[str, str]:
+        out = {"completed": str(self.completed), "failed": str(self.failed)}
+        if any(self.usage):
+            out["usage"] = orjson.dumps(batch_usage(self.usage)).decode()
+        if self.output_file_id:
+            out["output_file_id"] = self.output_file_id
+        if self.error_file_id:
+            out["error_file_id"] = self.error_file_id
+        if self.errors is not None:
+            out["errors"] = orjson.dumps({"object": "list", "data": self.errors}).decode()
+        return out
+
+
+def saturate(values: list[int]) -> list[int]:
+    return [min(max(0, v), USAGE_CEILING) for v in values]
+
+
+def batch_usage(values: list[int]) -> dict:
+    input_tokens, cached, output_tokens, reasoning, total = saturate(values)
+    return {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": cached},
+            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": reasoning},
+            "total_tokens": total}
+
+
+def webhook_event_id(batch_id: str, event_type: str) -> str:
+    return "evt_" + hashlib.sha256(f"{batch_id}:{event_type}".encode()).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class Effects:
+    """The side effects a terminal move writes in its own transaction."""
+
+    tenant: str
+    usage: list[int]
+    completed: int
+    failed: int
+    webhook_event: str | None  # the event id, when the tenant wants webhooks
+    webhook_type: str | None
+    cleanup_at: float
+
+
+@dataclass(frozen=True)
+class Outcome:
+    moved: bool
+    status: str  # the status before the call (the current one, when not moved)
+
+
+class Lifecycle:
+    """The verbs. `wants_webhooks(tenant)` says whether a tenant has a webhook; `cleanup_delay_s` how long a
+    finished batch's working state is kept (so a Redis restored a little older can still finish it)."""
+
+    def __init__(self, store: "Store", *, cleanup_delay_s: float, wants_webhooks=lambda tenant: False) -> None:
+        self.store = store
+        self.cleanup_delay_s = cleanup_delay_s
+        self.wants_webhooks = wants_webhooks
+
+    def _move(self, batch_id: str, verb: str, now: float, fields: dict[str, str] | None = None,
+              ending: Ending | None = None, tenant: str = "") -> Outcome:
+        move = MOVES[verb]
+        effects = None
+        if move.terminal:
+            ending = ending or Ending()
+            fields = {**(fields or {}), **ending.fields()}
+            event_type = WEBHOOK_EVENTS[move.to]
+            wants = self.wants_webhooks(tenant)
+            effects = Effects(tenant=tenant, usage=saturate(ending.usage), completed=ending.completed,
+                              failed=ending.failed,
+                              webhook_event=webhook_event_id(batch_id, event_type) if wants else None,
+                              webhook_type=event_type if wants else None, cleanup_at=now + self.cleanup_delay_s)
+        moved, status = self.store.apply_move(batch_id, move, int(now), fields or {}, effects)
+        return Outcome(moved, status)
+
+    # One verb per move.
+
+    def start(self, record: BatchRecord, now: float) -> Outcome:
+        return self._move(record.id, "start", now)
+
+    def fail(self, record: BatchRecord, now: float, errors: list[dict]) -> Outcome:
+        return self._move(record.id, "fail", now, ending=Ending(errors=errors), tenant=record.spec.tenant)
+
+    def cancel(self, batch_id: str, now: float) -> Outcome:
+        """Not moved from a status in NO_OP["cancel"] is a success too: there is nothing (left) to cancel."""
+        return self._move(batch_id, "cancel", now)
+
+    def begin_finalize(self, record: BatchRecord, now: float) -> Outcome:
+        return self._move(record.id, "finalize", now)
+
+    def end(self, record: BatchRecord, verb: str, now: float, ending: Ending) -> Outcome:
+        """A terminal move with its results: `complete`, `end_cancelled`, `expire` or `lose`."""
+        assert MOVES[verb].terminal, verb
+        return self._move(record.id, verb, now, ending=ending, tenant=record.spec.tenant)

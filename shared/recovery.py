@@ -1,0 +1,123 @@
+"""What the sweeper does for a batch that stopped making progress: one rule per non-terminal status.
+
+The rules only decide, from the batch's record and the facts of its execution state, so they are tested without
+Redis or workers; `workers/sweeper.py` carries the actions out. Every action is safe to repeat: moves are
+compare-and-sets, chunk runs are fenced by leases, finalize is idempotent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared.lifecycle import CANCELLING, FINALIZING, IN_PROGRESS, VALIDATING, BatchRecord
+from shared.store_exec import ExecutionFacts
+
+
+@dataclass(frozen=True)
+class Timing:
+    redrive_after_s: float  # how long a sent message may go unanswered before it is sent again
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str  # see ACTIONS
+    chunks: tuple[int, ...] = ()
+    reason: str | None = None
+
+
+ACTIONS = {
+    "orchestrate": "send the batch's orchestrate message again",
+    "start": "move a planned `validating` batch on to `in_progress` and send its chunks",
+    "expire": "end an unplanned batch `expired`",
+    "end_cancelled": "end an unplanned `cancelling` batch `cancelled`",
+    "stop": "tell the batch's chunks to stop sending (reason: expired)",
+    "close_chunks": "write the stop reason's error lines for chunks no run holds, and commit them",
+    "redrive_chunks": "send the messages of chunks whose run was lost",
+    "finalize": "send the batch's finalize message again",
+}
+
+
+def _since(now: float, *moments: float) -> float:
+    return now - max(moments) if any(moments) else float("inf")
+
+
+def recover_validating(record: BatchRecord, facts: ExecutionFacts | None, now: float, t: Timing) -> list[Action]:
+    st = record.state
+    if not st.planned:
+        if now >= record.spec.expires_at:
+            return [Action("expire")]
+        if _since(now, st.updated_at, st.orchestrate_sent_at) > t.redrive_after_s:
+            return [Action("orchestrate")]
+        return []
+    # Planned, but the move to in_progress never happened: the orchestrate run died between the two.
+    if _since(now, st.dispatched_at) > t.redrive_after_s:
+        return [Action("start")]
+    return []
+
+
+def _running(record: BatchRecord, facts: ExecutionFacts, now: float, t: Timing, stop: str | None,
+             queue_idle: bool) -> list[Action]:
+    st = record.state
+    actions: list[Action] = []
+    if stop is None and now >= record.spec.expires_at:
+        actions.append(Action("stop", reason="expired"))
+        stop = "expired"
+    n_chunks = st.n_chunks or 0
+    missing = [i for i in range(n_chunks) if i not in facts.done]
+    if not missing:
+        if not facts.finalize_leased and _since(now, st.finalize_sent_at) > t.redrive_after_s \
+                and _since(now, st.updated_at) > t.redrive_after_s / 2:
+            actions.append(Action("finalize"))
+        return actions
+    unheld = [i for i in missing if i not in facts.leased]
+    if stop is not None:
+        # Stopped chunks need no upstream: their lines are written here, not after a backlog of other batches.
+        if unheld:
+            actions.append(Action("close_chunks", tuple(unheld), stop))
+        return actions
+    lost = []
+    for index in unheld:
+        if _since(now, facts.redriven.get(index, 0.0), st.dispatched_at) <= t.redrive_after_s:
+            continue
+        # A started chunk with no live lease lost its runner; one never started was lost with its message, which is
+        # only certain when nothing is waiting in the queue.
+        if index in facts.started or queue_idle:
+            lost.append(index)
+    if lost:
+        actions.append(Action("redrive_chunks", tuple(lost)))
+    return actions
+
+
+def recover_in_progress(record: BatchRecord, facts: ExecutionFacts, now: float, t: Timing, queue_idle: bool
+                        ) -> list[Action]:
+    return _running(record, facts, now, t, record.state.stop, queue_idle)
+
+
+def recover_cancelling(record: BatchRecord, facts: ExecutionFacts | None, now: float, t: Timing, queue_idle: bool
+                       ) -> list[Action]:
+    if not record.state.planned or facts is None:
+        return [Action("end_cancelled")]
+    return _running(record, facts, now, t, record.state.stop or "cancelled", queue_idle)
+
+
+def recover_finalizing(record: BatchRecord, facts: ExecutionFacts, now: float, t: Timing) -> list[Action]:
+    if not facts.finalize_leased and _since(now, record.state.finalize_sent_at) > t.redrive_after_s:
+        return [Action("finalize")]
+    return []
+
+
+def recover(record: BatchRecord, facts: ExecutionFacts | None, now: float, t: Timing, queue_idle: bool
+            ) -> list[Action]:
+    """The actions for one active batch. `facts` is None for a batch that has no plan yet."""
+    status = record.state.status
+    if status == VALIDATING:
+        return recover_validating(record, facts, now, t)
+    if status == CANCELLING:
+        return recover_cancelling(record, facts, now, t, queue_idle)
+    if facts is None:
+        return []
+    if status == IN_PROGRESS:
+        return recover_in_progress(record, facts, now, t, queue_idle)
+    if status == FINALIZING:
+        return recover_finalizing(record, facts, now, t)
+    return []

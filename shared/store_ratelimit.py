@@ -1,0 +1,87 @@
+"""The providers' shared limiters in Redis (asyncio): GCRA schedules, the shared pause, the in-flight semaphore.
+
+The decisions live in workers/ratelimit.py; this module holds the keys and the Lua that make each step atomic.
+"""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+
+from shared import keys
+
+# KEYS: rpm tat, tpm tat, pause-until. ARGV: µs per request (0 = off), µs per token (0 = off), tokens.
+# Returns the µs to wait before sending.
+RESERVE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local wait = 0
+local function reserve(key, cost)
+  local tat = tonumber(redis.call('GET', key) or '0')
+  if tat < now then tat = now end
+  redis.call('SET', key, tat + cost, 'PX', math.floor((tat + cost - now) / 1000) + 60000)
+  return tat - now
+end
+if tonumber(ARGV[1]) > 0 then wait = math.max(wait, reserve(KEYS[1], tonumber(ARGV[1]))) end
+if tonumber(ARGV[2]) > 0 then wait = math.max(wait, reserve(KEYS[2], tonumber(ARGV[2]) * tonumber(ARGV[3]))) end
+local pause = tonumber(redis.call('GET', KEYS[3]) or '0')
+if pause > now then wait = math.max(wait, pause - now) end
+return wait
+"""
+
+# KEYS: pause-until. ARGV: seconds. Moves the pause later, never earlier.
+PAUSE = """
+local t = redis.call('TIME')
+local until_us = tonumber(t[1]) * 1000000 + tonumber(t[2]) + math.floor(tonumber(ARGV[1]) * 1000000)
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+if until_us > cur then
+  redis.call('SET', KEYS[1], until_us, 'PX', math.floor(tonumber(ARGV[1]) * 1000) + 1000)
+  return 1
+end
+return 0
+"""
+
+# KEYS: holders zset. ARGV: cap, holder, lease ms. A holder that died is dropped when its lease lapses.
+ACQUIRE_SLOT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+class LimiterStore:
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client = client
+        self._reserve = client.register_script(RESERVE)
+        self._pause = client.register_script(PAUSE)
+        self._acquire = client.register_script(ACQUIRE_SLOT)
+
+    @classmethod
+    def from_url(cls, url: str) -> "LimiterStore":
+        return cls(aioredis.Redis.from_url(url))
+
+    @staticmethod
+    def _keys(provider: str) -> tuple[str, str, str, str]:
+        base = keys.rate_limit(provider)
+        return f"{base}:rpm", f"{base}:tpm", f"{base}:pause", f"{base}:inflight"
+
+    async def reserve(self, provider: str, us_per_request: int, us_per_token: int, tokens: int) -> int:
+        """Microseconds to wait before the next request may be sent."""
+        rpm, tpm, pause, _ = self._keys(provider)
+        return int(await self._reserve(keys=[rpm, tpm, pause], args=[us_per_request, us_per_token, tokens]))
+
+    async def pause(self, provider: str, seconds: float) -> None:
+        await self._pause(keys=[self._keys(provider)[2]], args=[seconds])
+
+    async def acquire_slot(self, provider: str, cap: int, holder: str, lease_ms: int) -> bool:
+        return bool(await self._acquire(keys=[self._keys(provider)[3]], args=[cap, holder, lease_ms]))
+
+    async def release_slot(self, provider: str, holder: str) -> None:
+        await self.client.zrem(self._keys(provider)[3], holder)
+
+    async def close(self) -> None:
+        await self.client.aclose()
