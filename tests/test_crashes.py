@@ -141,31 +141,44 @@ def test_finalize_killed_mid_way(crashing, point):
 
 def test_redis_restored_from_an_older_append_only_file(make_stack, tmp_path):
     """Redis comes back missing the seconds in which the batch finished and was cleaned up."""
-    stack: Stack = make_stack(appendonly=True, sim_latency_ms=30, upstream_max_concurrency=8, chunk_min_requests=40,
-                              chunk_target_count=24, cleanup_delay_s=0.5)
-    stack.start(workers=1, concurrency=2)
-    client = stack.client(max_retries=8)
-    batch = submit(client, chat_lines(N))
-    until(lambda: (b := client.batches.retrieve(batch.id)).request_counts.completed >= N // 2, 60, "half the batch")
-    aof = stack.root / "redis" / "appendonlydir"
-    time.sleep(1.1)  # appendfsync everysec: what is on disk now includes the half-way state
-    snapshot = tmp_path / "aof-snapshot"
-    shutil.copytree(aof, snapshot)
-    first = wait_terminal(client, batch.id, timeout=60)
-    assert first.status == "completed"
-    until(lambda: not (stack.root / "data" / "blobs" / "batches" / batch.id).exists(), 15, "the clean-up")
+    receiver = Receiver(free_port())
+    stack: Stack = make_stack(appendonly=True, sim_latency_ms=50, chunk_min_requests=40,
+                              chunk_target_count=24, cleanup_delay_s=0.5, webhook_allowed_hosts="127.0.0.1")
+    providers = tmp_path / "providers.toml"
+    providers.write_text(providers_toml(stack.sim_port, receiver.port, max_concurrency=4))
+    stack.group.env["BATCHGATE_PROVIDERS_FILE"] = str(providers)
+    receiver.start()
+    try:
+        stack.start(workers=1, concurrency=2)
+        client = stack.client(max_retries=8)
+        batch = submit(client, chat_lines(N))
+        until(lambda: client.batches.retrieve(batch.id).request_counts.completed >= N // 4, 60, "a quarter")
+        aof = stack.root / "redis" / "appendonlydir"
+        time.sleep(1.1)  # appendfsync everysec: what is on disk now includes the state of a moment ago
+        snapshot = tmp_path / "aof-snapshot"
+        shutil.copytree(aof, snapshot)
+        first = wait_terminal(client, batch.id, timeout=60)
+        assert first.status == "completed"
+        until(lambda: not (stack.root / "data" / "blobs" / "batches" / batch.id).exists(), 15, "the clean-up")
+        until(lambda: receiver.deliveries, 15, "the first webhook")
 
-    stack.kill("redis")
-    shutil.rmtree(aof)
-    shutil.copytree(snapshot, aof)
-    stack.start_redis()
-    restored = client.batches.retrieve(batch.id)
-    assert restored.status not in TERMINAL, "the restored Redis should predate the batch's end"
-    final = wait_terminal(client, batch.id, timeout=90)
-    print(f"\nafter the restore: {final.status}, {final.request_counts}")
+        stack.kill("redis")
+        shutil.rmtree(aof)
+        shutil.copytree(snapshot, aof)
+        stack.start_redis()
+        restored = client.batches.retrieve(batch.id)
+        assert restored.status not in TERMINAL, "the restored Redis should predate the batch's end"
+        final = wait_terminal(client, batch.id, timeout=90)
+        until(lambda: len(receiver.deliveries) >= 2, 15, "the webhook of the second ending")
+        time.sleep(2)
+    finally:
+        receiver.stop()
+    print(f"\nrestored at {restored.request_counts}; then {final.status}, {final.request_counts}")
     assert final.status == "completed"
     out, err = assert_exactly_once(client, final, IDS)
-    assert all(line["error"]["code"] == "result_lost" for line in err)
+    assert out, "the requests not yet durable at the restored instant ran again"
+    assert err and all(line["error"]["code"] == "result_lost" for line in err)
+    assert {d["event"]["id"] for d in receiver.deliveries} == {receiver.deliveries[0]["event"]["id"]}
 
 
 def test_absurd_usage_from_the_upstream_saturates(make_stack):

@@ -13,12 +13,13 @@ from standardwebhooks.webhooks import Webhook
 SECRET = "whsec_" + base64.b64encode(os.urandom(24)).decode()
 
 
-def providers_toml(sim_port: int, receiver_port: int, tenant: str = "tenant-a") -> str:
+def providers_toml(sim_port: int, receiver_port: int, tenant: str = "tenant-a", max_concurrency: int = 64) -> str:
     """A providers file: the simulator as the default provider, and a webhook to the receiver for `tenant`."""
     return f"""
 [providers.default]
 base_url = "http://127.0.0.1:{sim_port}/v1"
 api_key_env = "BATCHGATE_UPSTREAM_API_KEY"
+max_concurrency = {max_concurrency}
 
 [tenants.{tenant}]
 webhook_url = "http://127.0.0.1:{receiver_port}/hooks/batchgate"
