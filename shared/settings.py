@@ -20,6 +20,10 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(default=None, description="Celery broker; defaults to redis_url")
     result_backend_url: str | None = Field(default=None, description="Celery results; defaults to redis_url")
     data_dir: Path = Path("./data")
+    redis_timeout_s: float = Field(default=2.0, gt=0, description="the API's Redis connect and reply timeout: how "
+                                   "long a request waits on a frozen Redis before it answers 503")
+    storage_retry_after_s: int = Field(default=2, ge=1, le=120, description="Retry-After sent with a 503 while "
+                                       "Redis is unavailable (the SDKs wait this long, up to 120 s, then retry)")
 
     # Blob storage: a local directory (one host, or a volume every host mounts) or an S3-compatible bucket.
     blob_backend: str = Field(default="local", description="local or s3")
