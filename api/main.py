@@ -92,7 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(batches.batches_router(), prefix="/api/v1/llm")
     app.add_middleware(RequestBodyLimitMiddleware, max_body_size=settings.max_upload_bytes + MULTIPART_OVERHEAD)
     app.add_middleware(RequestLimitsMiddleware, max_body_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD,
-                       body_read_timeout_s=settings.body_read_timeout_s)
+                       body_read_timeout_s=settings.body_read_timeout_s, body_deadline_s=settings.upload_deadline_s)
     app.add_middleware(RequestIdMiddleware)
     return app
 

@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     # Files.
     max_upload_bytes: int = 512 * 1024 * 1024
     body_read_timeout_s: float = 30.0
+    upload_deadline_s: float = Field(default=600.0, gt=0, description="a request body must arrive whole within "
+                                     "this, however steadily it drips (else 408)")
+    header_timeout_s: float = Field(default=10.0, gt=0, description="a connection must send a request's headers "
+                                    "within this of opening or of its previous response (else it is closed)")
     batch_file_default_ttl_s: int = 30 * 86400
 
     # Batches.
