@@ -6,7 +6,7 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 
-from shared.errors import AuthenticationFailed
+from shared.errors import AuthenticationFailed, InvalidRequest
 from shared.settings import DEV_API_KEY, DEV_TENANT, Settings
 
 CREDENTIAL_HEADERS = ("x-portkey-api-key", "x-api-key")
@@ -71,3 +71,40 @@ def authenticate(keyring: KeyRing, headers) -> str:
         shown = f"{key[:3]}****{key[-4:]}" if len(key) > 8 else "****"
         raise AuthenticationFailed(f"Incorrect API key provided: {shown}.")
     return tenant
+
+
+def single_header(headers, name: str) -> str | None:
+    """The one value of header `name`, or None. Sent twice it is a 400: which copy counts must not depend on the
+    server (Starlette's `headers.get` would take the first, a proxy in front might take the last)."""
+    values = headers.getlist(name)
+    if len(values) > 1:
+        raise InvalidRequest(f"The '{name}' header was sent {len(values)} times; send it once.", param=name,
+                             code="duplicate_header")
+    return values[0] if values else None
+
+
+def bearer_token(headers) -> str | None:
+    authorization = single_header(headers, "authorization")
+    if authorization:
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    return None
+
+
+def metrics_open(settings: Settings) -> bool:
+    """Without any API keys in development mode, /metrics needs no credential, like the rest of the API."""
+    return settings.dev_mode and not settings.api_keys.strip()
+
+
+def check_metrics_access(settings: Settings, headers) -> None:
+    """/metrics shows every tenant's figures: it needs the admin key or the metrics token, unless `metrics_open`."""
+    if metrics_open(settings):
+        return
+    accepted = [secret.get_secret_value() for secret in (settings.admin_api_key, settings.metrics_token) if secret]
+    presented = bearer_token(headers)
+    if presented is None or not any(hmac.compare_digest(presented.encode(), key.encode()) for key in accepted):
+        raise AuthenticationFailed(
+            "The metrics need the operator's admin API key or the metrics token (BATCHGATE_METRICS_TOKEN), sent as "
+            "'Authorization: Bearer TOKEN'."
+        )

@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     dev_mode: bool = False
     api_keys: str = Field(default="", description="comma-separated key=tenant pairs; a key may be 'sha256:<hex>'")
     admin_api_key: SecretStr | None = Field(default=None, description="the operator's key for /admin routes")
+    metrics_token: SecretStr | None = Field(default=None, description="a Bearer token for GET /metrics only (the "
+                                            "admin key works too); /metrics is open only in dev mode without keys")
 
     # Files.
     max_upload_bytes: int = 512 * 1024 * 1024
@@ -91,7 +93,8 @@ class Settings(BaseSettings):
     sweep_interval_s: float = 30.0
     redrive_after_s: float = 60.0
 
-    @field_validator("s3_endpoint_url", "s3_region", "s3_access_key_id", "s3_secret_access_key", mode="before")
+    @field_validator("s3_endpoint_url", "s3_region", "s3_access_key_id", "s3_secret_access_key", "metrics_token",
+                     mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # docker compose passes `${VAR:-}` through as an empty string.

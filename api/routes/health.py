@@ -4,7 +4,8 @@ from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
-from api.deps import BatchReaderDep
+from api.auth import check_metrics_access
+from api.deps import BatchReaderDep, SettingsDep
 
 router = APIRouter(include_in_schema=False)
 
@@ -16,5 +17,6 @@ async def healthz(reader: BatchReaderDep) -> dict:
 
 
 @router.get("/metrics")
-def prometheus_metrics(request: Request) -> Response:
+def prometheus_metrics(request: Request, settings: SettingsDep) -> Response:
+    check_metrics_access(settings, request.headers)
     return Response(generate_latest(request.app.state.metrics_registry), media_type=CONTENT_TYPE_LATEST)
