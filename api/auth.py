@@ -10,6 +10,7 @@ from shared.errors import AuthenticationFailed, InvalidRequest
 from shared.settings import DEV_API_KEY, DEV_TENANT, Settings
 
 CREDENTIAL_HEADERS = ("x-portkey-api-key", "x-api-key")
+MAX_END_USER_CHARS = 256
 
 
 def digest(key: str) -> bytes:
@@ -47,30 +48,61 @@ class KeyRing:
         return found
 
 
-def presented_key(headers) -> str | None:
-    authorization = headers.get("authorization")
-    if authorization:
-        scheme, _, token = authorization.partition(" ")
-        if scheme.lower() == "bearer" and token.strip():
-            return token.strip()
-    for name in CREDENTIAL_HEADERS:
-        value = headers.get(name)
-        if value:
-            return value.strip()
-    return None
+def presented_key(headers) -> tuple[str, str] | None:
+    """The batchgate credential and the header it came in.
+
+    `x-portkey-api-key` or `x-api-key`, when sent, IS the credential, and Authorization is not used to
+    authenticate: in Portkey's model (the OpenAI SDK with Portkey's headers) Authorization carries the provider's
+    key, since the SDK always sends one. It is never logged or echoed. Otherwise the credential is
+    `Authorization: Bearer`.
+    """
+    bearer = bearer_token(headers)  # also rejects a second Authorization header, whichever credential counts
+    carried = {name: (single_header(headers, name) or "").strip(" \t") for name in CREDENTIAL_HEADERS}
+    carried = {name: value for name, value in carried.items() if value}
+    if len(set(carried.values())) > 1:
+        raise InvalidRequest("The x-portkey-api-key and x-api-key headers carry different keys; send one key.",
+                             param="x-api-key", code="conflicting_credentials")
+    if carried:
+        name, value = next(iter(carried.items()))
+        return value, name
+    return (bearer, "authorization") if bearer else None
 
 
 def authenticate(keyring: KeyRing, headers) -> str:
-    key = presented_key(headers)
-    if key is None:
+    presented = presented_key(headers)
+    if presented is None:
         raise AuthenticationFailed(
-            "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.", code="missing_api_key"
+            "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY' (or in 'x-portkey-api-key' "
+            "or 'x-api-key').", code="missing_api_key"
         )
+    key, header = presented
     tenant = keyring.tenant_for(key)
     if tenant is None:
         shown = f"{key[:3]}****{key[-4:]}" if len(key) > 8 else "****"
-        raise AuthenticationFailed(f"Incorrect API key provided: {shown}.")
+        where = "" if header == "authorization" else f" in the '{header}' header"
+        raise AuthenticationFailed(f"Incorrect API key provided{where}: {shown}.")
     return tenant
+
+
+def end_user_of(headers) -> str | None:
+    """The end user named in `X-On-Behalf-Of`, exactly as sent apart from surrounding ASCII spaces and tabs.
+
+    The value scopes files and batches, so two spellings must never name one user: a value with a control
+    character, a non-ASCII space (`alice\\xa0`), or any other character `str.isprintable` refuses is a 400, not
+    trimmed into someone else's name.
+    """
+    end_user = single_header(headers, "x-on-behalf-of")
+    if end_user is None:
+        return None
+    end_user = end_user.strip(" \t")
+    if not end_user or len(end_user) > MAX_END_USER_CHARS or not end_user.isprintable():
+        raise InvalidRequest(
+            f"Invalid 'X-On-Behalf-Of' header: must be 1 to {MAX_END_USER_CHARS} printable characters, without "
+            "control characters or non-ASCII spaces.",
+            param="X-On-Behalf-Of",
+            code="invalid_end_user",
+        )
+    return end_user
 
 
 def single_header(headers, name: str) -> str | None:
