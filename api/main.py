@@ -84,12 +84,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ui.router)
     # One implementation, mounted once per dialect: OpenAI, Portkey, AlphaEdge, mka1. OpenAI's batch routes come
     # first: they are what clients poll, and routes are matched in order.
-    app.include_router(batches.batches_router(with_output=True), prefix="/v1")
+    app.include_router(batches.router, prefix="/v1")
+    app.include_router(batches.output_router, prefix="/v1")
     for prefix in ("/v1", "", "/api/v1/llm"):
         app.include_router(files.router, prefix=prefix)
-    app.include_router(batches.batches_router(with_output=True), prefix="")
-    app.include_router(batches.batches_router("batch", default_window="24h"), prefix="/v1")
-    app.include_router(batches.batches_router(), prefix="/api/v1/llm")
+    app.include_router(batches.router, prefix="")
+    app.include_router(batches.output_router, prefix="")
+    app.include_router(batches.singular_router, prefix="/v1")
+    app.include_router(batches.router, prefix="/api/v1/llm")
     app.add_middleware(RequestBodyLimitMiddleware, max_body_size=settings.max_upload_bytes + MULTIPART_OVERHEAD)
     app.add_middleware(RequestLimitsMiddleware, max_body_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD,
                        body_read_timeout_s=settings.body_read_timeout_s, body_deadline_s=settings.upload_deadline_s)
