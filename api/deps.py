@@ -6,16 +6,13 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from api.auth import authenticate
+from api.auth import authenticate, end_user_of
 from shared.async_store import AsyncBatchReader
 from shared.blobs import BlobStore
-from shared.errors import InvalidRequest
 from shared.providers import ProviderRegistry
 from shared.scope import Principal
 from shared.settings import Settings
 from shared.store import Store
-
-MAX_END_USER_CHARS = 256
 
 
 async def get_settings(request: Request) -> Settings:
@@ -40,15 +37,7 @@ async def get_providers(request: Request) -> ProviderRegistry:
 
 async def get_principal(request: Request) -> Principal:
     tenant = authenticate(request.app.state.keyring, request.headers)
-    end_user = request.headers.get("x-on-behalf-of")
-    if end_user is not None:
-        end_user = end_user.strip()
-        if not end_user or len(end_user) > MAX_END_USER_CHARS or not end_user.isprintable():
-            raise InvalidRequest(
-                f"Invalid 'X-On-Behalf-Of' header: must be 1 to {MAX_END_USER_CHARS} printable characters.",
-                param="X-On-Behalf-Of",
-            )
-    return Principal(tenant, end_user)
+    return Principal(tenant, end_user_of(request.headers))
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -6,12 +6,25 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from redis import exceptions as redis_errors
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
 from shared.errors import APIError
 
 log = logging.getLogger("batchgate.api")
+
+# Redis, sync or asyncio client alike, could not serve the request now: down, frozen, loading its data, failing
+# over (read-only replica, master down) or out of memory. A retry later can succeed, so the client gets a 503 it
+# retries, never a 500. (BusyLoadingError, MaxConnectionsError and AuthenticationError are ConnectionErrors.)
+STORAGE_UNAVAILABLE = (
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    redis_errors.ReadOnlyError,
+    redis_errors.MasterDownError,
+    redis_errors.TryAgainError,
+    redis_errors.OutOfMemoryError,
+)
 
 _HTTP_CODES = {
     401: ("invalid_api_key", "invalid_request_error"),
@@ -45,6 +58,23 @@ async def http_error_handler(request: Request, exc: StarletteHTTPException) -> J
     return envelope(exc.status_code, message, type_=type_, code=code, headers=getattr(exc, "headers", None))
 
 
+def storage_unavailable(request_id: str, retry_after_s: int) -> JSONResponse:
+    return envelope(
+        503,
+        f"The service's storage is unavailable right now; retry in a few seconds. Request id: {request_id}.",
+        type_="server_error",
+        code="storage_unavailable",
+        headers={"retry-after": str(retry_after_s)},
+    )
+
+
+async def storage_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    request_id = request.scope.get("request_id", "")
+    log.warning("storage unavailable on %s %s (request %s): %s: %s", request.method, request.url.path, request_id,
+                type(exc).__name__, exc)
+    return storage_unavailable(request_id, request.app.state.settings.storage_retry_after_s)
+
+
 def _param_of(loc: tuple) -> str | None:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header", "form")]
     return ".".join(parts) or None
@@ -75,4 +105,6 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(APIError, api_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
+    for exc_class in STORAGE_UNAVAILABLE:
+        app.add_exception_handler(exc_class, storage_error_handler)
     app.add_exception_handler(Exception, unexpected_error_handler)

@@ -9,6 +9,10 @@ from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
 from fastapi import FastAPI
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.retry import Retry as SyncRetry
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 from api import errors
@@ -39,6 +43,18 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     await app.state.batch_reader.close()
 
 
+def redis_retry(*, asyncio: bool = False) -> SyncRetry | AsyncRetry:
+    """One quick retry on a connection error, none on a timeout.
+
+    After Redis restarts, the asyncio client's first command on each pooled socket fails with a connection error
+    (the server closed it); one retry on a fresh connection makes that a success instead of a 503. A timeout
+    means Redis is frozen or overloaded: waiting again would double the time before the 503, and the client
+    retries after Retry-After anyway.
+    """
+    retry_class = AsyncRetry if asyncio else SyncRetry
+    return retry_class(ExponentialWithJitterBackoff(base=0.02, cap=0.1), 1, supported_errors=(RedisConnectionError,))
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings)
@@ -49,8 +65,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="A self-hosted, OpenAI-compatible Batch API.",
     )
     app.state.settings = settings
-    app.state.store = Store.from_url(settings.redis_url)
-    app.state.batch_reader = AsyncBatchReader.from_url(settings.redis_url)
+    # Bounded waits, so a frozen Redis costs a request `redis_timeout_s`, then a 503 (api/errors.py).
+    app.state.store = Store.from_url(settings.redis_url, timeout_s=settings.redis_timeout_s, retry=redis_retry())
+    app.state.batch_reader = AsyncBatchReader.from_url(settings.redis_url, timeout_s=settings.redis_timeout_s,
+                                                       retry=redis_retry(asyncio=True))
     app.state.blobs = make_blob_store(settings)
     app.state.keyring = KeyRing.from_settings(settings)
     app.state.providers = ProviderRegistry.from_settings(settings)
@@ -66,15 +84,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ui.router)
     # One implementation, mounted once per dialect: OpenAI, Portkey, AlphaEdge, mka1. OpenAI's batch routes come
     # first: they are what clients poll, and routes are matched in order.
-    app.include_router(batches.batches_router(with_output=True), prefix="/v1")
+    app.include_router(batches.router, prefix="/v1")
+    app.include_router(batches.output_router, prefix="/v1")
     for prefix in ("/v1", "", "/api/v1/llm"):
         app.include_router(files.router, prefix=prefix)
-    app.include_router(batches.batches_router(with_output=True), prefix="")
-    app.include_router(batches.batches_router("batch", default_window="24h"), prefix="/v1")
-    app.include_router(batches.batches_router(), prefix="/api/v1/llm")
+    app.include_router(batches.router, prefix="")
+    app.include_router(batches.output_router, prefix="")
+    app.include_router(batches.singular_router, prefix="/v1")
+    app.include_router(batches.router, prefix="/api/v1/llm")
     app.add_middleware(RequestBodyLimitMiddleware, max_body_size=settings.max_upload_bytes + MULTIPART_OVERHEAD)
     app.add_middleware(RequestLimitsMiddleware, max_body_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD,
-                       body_read_timeout_s=settings.body_read_timeout_s)
+                       body_read_timeout_s=settings.body_read_timeout_s, body_deadline_s=settings.upload_deadline_s)
     app.add_middleware(RequestIdMiddleware)
     return app
 

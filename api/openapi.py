@@ -13,7 +13,9 @@ ERROR_STATUSES = {
     "403": "Not allowed for this API key",
     "404": "No such object for this caller",
     "409": "Conflicts with the object's state",
+    "408": "The request body arrived too slowly",
     "413": "Request body too large",
+    "503": "Storage unavailable: retry after the Retry-After header's seconds",
 }
 
 UPLOAD_FORM = {

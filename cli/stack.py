@@ -48,9 +48,13 @@ def redis_command(port: int, data_dir: Path, *, appendonly: bool = False) -> lis
     ]
 
 
+# uvicorn's HTTP protocol with a deadline for request headers (see api/protocol.py).
+API_PROTOCOL = "api.protocol:HTTPProtocol"
+
+
 def api_command(port: int, workers: int = 1) -> list[str]:
     return [PYTHON, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port),
-            "--workers", str(workers), "--no-access-log", "--log-level", "warning"]
+            "--workers", str(workers), "--http", API_PROTOCOL, "--no-access-log", "--log-level", "warning"]
 
 
 def worker_command(concurrency: int = 2, name: str = "worker", app: str = "workers.celery_app") -> list[str]:

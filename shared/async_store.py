@@ -17,8 +17,13 @@ class AsyncBatchReader:
         self.r = client
 
     @classmethod
-    def from_url(cls, url: str) -> "AsyncBatchReader":
-        return cls(aioredis.Redis.from_url(url, decode_responses=True, health_check_interval=30))
+    def from_url(cls, url: str, *, timeout_s: float | None = None,
+                 retry: aioredis.retry.Retry | None = None) -> "AsyncBatchReader":
+        """`timeout_s` bounds connecting and each reply (redis-py's default otherwise); `retry` replaces its policy."""
+        options: dict = {} if timeout_s is None else {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+        if retry is not None:
+            options["retry"] = retry
+        return cls(aioredis.Redis.from_url(url, decode_responses=True, health_check_interval=30, **options))
 
     async def get_batches(self, batch_ids: list[str], scope: str | None = None) -> list[Batch | None]:
         pipe = self.r.pipeline(transaction=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import unicodedata
 from typing import BinaryIO, Iterator
@@ -18,6 +19,8 @@ from shared.ids import new_file_id
 from shared.schemas import UPLOAD_PURPOSES, FileDeleted, FileObject, ListPage
 from shared.settings import Settings
 from shared.store import FileRecord, Store
+
+log = logging.getLogger(__name__)
 
 MAX_FILENAME_CHARS = 255
 FILES_LIST_MAX = 10_000
@@ -97,8 +100,20 @@ def create_file(
     file = FileObject(
         id=file_id, bytes=size, created_at=now, expires_at=now + ttl if ttl else None, filename=name, purpose=purpose
     )
-    store.put_file(FileRecord(file, scope, key))
+    try:
+        store.put_file(FileRecord(file, scope, key))
+    except Exception:
+        discard_blob(blobs, key)  # no record, no blob: a failed upload leaves nothing behind
+        raise
     return file
+
+
+def discard_blob(blobs: BlobStore, key: str) -> None:
+    """Delete a blob nothing refers to; a failure is logged, never raised over the error that caused it."""
+    try:
+        blobs.delete(key)
+    except Exception:  # noqa: BLE001
+        log.exception("could not delete the orphan blob %s", key)
 
 
 def get_file_record(store: Store, scope: str, file_id: str) -> FileRecord:

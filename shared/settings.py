@@ -20,6 +20,10 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(default=None, description="Celery broker; defaults to redis_url")
     result_backend_url: str | None = Field(default=None, description="Celery results; defaults to redis_url")
     data_dir: Path = Path("./data")
+    redis_timeout_s: float = Field(default=2.0, gt=0, description="the API's Redis connect and reply timeout: how "
+                                   "long a request waits on a frozen Redis before it answers 503")
+    storage_retry_after_s: int = Field(default=2, ge=1, le=120, description="Retry-After sent with a 503 while "
+                                       "Redis is unavailable (the SDKs wait this long, up to 120 s, then retry)")
 
     # Blob storage: a local directory (one host, or a volume every host mounts) or an S3-compatible bucket.
     blob_backend: str = Field(default="local", description="local or s3")
@@ -39,10 +43,16 @@ class Settings(BaseSettings):
     dev_mode: bool = False
     api_keys: str = Field(default="", description="comma-separated key=tenant pairs; a key may be 'sha256:<hex>'")
     admin_api_key: SecretStr | None = Field(default=None, description="the operator's key for /admin routes")
+    metrics_token: SecretStr | None = Field(default=None, description="a Bearer token for GET /metrics only (the "
+                                            "admin key works too); /metrics is open only in dev mode without keys")
 
     # Files.
     max_upload_bytes: int = 512 * 1024 * 1024
     body_read_timeout_s: float = 30.0
+    upload_deadline_s: float = Field(default=600.0, gt=0, description="a request body must arrive whole within "
+                                     "this, however steadily it drips (else 408)")
+    header_timeout_s: float = Field(default=10.0, gt=0, description="a connection must send a request's headers "
+                                    "within this of opening or of its previous response (else it is closed)")
     batch_file_default_ttl_s: int = 30 * 86400
 
     # Batches.
@@ -90,7 +100,8 @@ class Settings(BaseSettings):
         default=0, description="a chunk makes its finished lines durable at least every this many lines "
         "(0: the provider's max_concurrency), and at every progress tick")
 
-    @field_validator("s3_endpoint_url", "s3_region", "s3_access_key_id", "s3_secret_access_key", mode="before")
+    @field_validator("s3_endpoint_url", "s3_region", "s3_access_key_id", "s3_secret_access_key", "metrics_token",
+                     mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # docker compose passes `${VAR:-}` through as an empty string.

@@ -47,8 +47,12 @@ class Store(ExecutionStore, OpsStore):
         OpsStore.__init__(self, client)
 
     @classmethod
-    def from_url(cls, url: str) -> "Store":
-        return cls(redis.Redis.from_url(url, decode_responses=True, health_check_interval=30))
+    def from_url(cls, url: str, *, timeout_s: float | None = None, retry: redis.retry.Retry | None = None) -> "Store":
+        """`timeout_s` bounds connecting and each reply (redis-py's default otherwise); `retry` replaces its policy."""
+        options: dict = {} if timeout_s is None else {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+        if retry is not None:
+            options["retry"] = retry
+        return cls(redis.Redis.from_url(url, decode_responses=True, health_check_interval=30, **options))
 
     def ping(self) -> bool:
         return bool(self.r.ping())

@@ -15,6 +15,8 @@ from bench.deployment import Deployment
 UPSTREAM_SECRET = "sk-upstream-secret-0123456789"
 API_KEY = "sk-test-tenant-a"
 OTHER_API_KEY = "sk-test-tenant-b"
+ADMIN_API_KEY = "sk-admin-test"
+METRICS_TOKEN = "metrics-token-test"
 TERMINAL = {"completed", "failed", "expired", "cancelled"}
 
 
@@ -35,7 +37,8 @@ class Stack(Deployment):
             "BATCHGATE_RETRY_BASE_S": "0.05",
             "BATCHGATE_RETRY_MAX_S": "1",
             "BATCHGATE_PROGRESS_INTERVAL_S": "0.2",
-            "BATCHGATE_ADMIN_API_KEY": "sk-admin-test",
+            "BATCHGATE_ADMIN_API_KEY": ADMIN_API_KEY,
+            "BATCHGATE_METRICS_TOKEN": METRICS_TOKEN,
             "BATCHGATE_BODY_READ_TIMEOUT_S": "2",
         }
         super().__init__(root, api_key=API_KEY, env=env, **kwargs)

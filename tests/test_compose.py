@@ -3,6 +3,7 @@ resolves to this project's entry points, every setting it passes is a real one, 
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import re
 import tomllib
@@ -12,6 +13,7 @@ import pytest
 import yaml
 from celery import Celery
 
+from cli.stack import API_PROTOCOL
 from shared.settings import Settings
 from simulator.config import SimulatorConfig
 
@@ -53,6 +55,9 @@ def test_every_command_resolves_to_the_project(name):
     if program == "uvicorn":
         app = _resolve(args[0])
         assert callable(app)
+        # The API runs on the protocol with a header deadline, as `batchgate dev` and the tests do.
+        assert args[args.index("--http") + 1] == API_PROTOCOL
+        assert issubclass(_resolve(API_PROTOCOL), asyncio.Protocol)
     elif program == "celery":
         module = args[args.index("-A") + 1]
         app = importlib.import_module(module).app

@@ -86,6 +86,51 @@ def test_portkey_managed_batching(vendors):
             f"req-{i}" for i in range(20))
 
 
+PROVIDER_KEY = "sk-provider-key-for-portkey-0123456789"  # what a Portkey user's SDK sends as Authorization
+
+
+def test_openai_sdk_with_portkey_headers(vendors):
+    """Portkey's example: the OpenAI SDK with Portkey's headers. The SDK also sends `Authorization: Bearer <its
+    api_key>` (the provider's key in Portkey's model); x-portkey-api-key is batchgate's credential."""
+    client = openai.OpenAI(base_url=vendors.base_url, api_key=PROVIDER_KEY, max_retries=0,
+                           default_headers={"x-portkey-api-key": API_KEY, "x-portkey-virtual-key": "openai-virtual-key"})
+    uploaded = client.files.create(file=("batch.jsonl", io.BytesIO(chat_lines(8))), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    final = wait_terminal(client, batch.id)
+    assert final.status == "completed"
+    assert_exactly_once(client, final, {f"req-{i}" for i in range(8)})
+    assert vendors.store.batch_fields(batch.id)["provider"] == "openai-virtual-key"
+    # The tenant's own objects: the same key as a plain Bearer sees the batch.
+    assert vendors.client(max_retries=0).batches.retrieve(batch.id).id == batch.id
+
+    # A wrong Portkey key is a 401 that names the header it came in, and never shows the Authorization value.
+    wrong = openai.OpenAI(base_url=vendors.base_url, api_key=PROVIDER_KEY, max_retries=0,
+                          default_headers={"x-portkey-api-key": "sk-not-a-batchgate-key"})
+    with pytest.raises(openai.AuthenticationError) as err:
+        wrong.batches.list()
+    assert "x-portkey-api-key" in err.value.message
+    assert PROVIDER_KEY not in err.value.response.text and PROVIDER_KEY[-4:] not in err.value.message
+    assert PROVIDER_KEY not in vendors.logs()
+
+
+def test_portkey_sdk(vendors):
+    """Portkey's own Python SDK pointed at batchgate: upload, create, poll to completed, read the output."""
+    from portkey_ai import Portkey  # imported here: it takes seconds, and only this test needs it
+
+    portkey = Portkey(api_key=API_KEY, virtual_key="openai-virtual-key", base_url=vendors.base_url)
+    uploaded = portkey.files.create(file=("batch.jsonl", io.BytesIO(chat_lines(6, model="gpt-4o-mini"))),
+                                    purpose="batch")
+    batch = portkey.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    deadline = time.monotonic() + 60
+    while (current := portkey.batches.retrieve(batch.id)).status not in TERMINAL and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert current.status == "completed", current
+    assert current.request_counts.completed == 6
+    assert vendors.store.batch_fields(batch.id)["provider"] == "openai-virtual-key"
+    text = portkey.files.content(current.output_file_id).text  # the OpenAI SDK's binary response, as Portkey's
+    assert sorted(json.loads(line)["custom_id"] for line in text.splitlines()) == sorted(f"req-{i}" for i in range(6))
+
+
 def test_portkey_provider_slug_header(vendors):
     base = root_url(vendors)
     headers = {"x-portkey-api-key": API_KEY, "x-portkey-provider": "@openai-virtual-key"}

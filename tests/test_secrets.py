@@ -6,6 +6,7 @@ import httpx
 import pytest
 from stack import (
     API_KEY,
+    METRICS_TOKEN,
     UPSTREAM_SECRET,
     assert_exactly_once,
     chat_lines,
@@ -37,7 +38,10 @@ def test_provider_key_stays_secret_through_upstream_errors(make_stack):
         resp = httpx.get(stack.base_url + path, headers=headers)
         assert resp.status_code == 200
         assert secret not in resp.text and all(secret not in v for v in resp.headers.values())
-    metrics = httpx.get(stack.base_url.removesuffix("/v1") + "/metrics").text
+    metrics_resp = httpx.get(stack.base_url.removesuffix("/v1") + "/metrics",
+                             headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+    assert metrics_resp.status_code == 200
+    metrics = metrics_resp.text
     assert secret not in metrics
 
     stack.stop()

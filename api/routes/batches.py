@@ -9,8 +9,12 @@ from starlette.responses import Response, StreamingResponse
 from api.deps import BatchReaderDep, BlobsDep, PrincipalDep, ProvidersDep, SettingsDep, StoreDep
 from shared import batch_service, file_service
 from shared.errors import InvalidRequest, NotFound
+from shared.providers import ProviderRegistry
 from shared.queue import enqueue_orchestrate
 from shared.schemas import Batch, BatchCreateRequest, ListPage
+from shared.scope import Principal
+from shared.settings import Settings
+from shared.store import Store
 
 # Portkey's managed batching calls the default window "immediate".
 WINDOW_ALIASES = ("immediate",)
@@ -44,51 +48,68 @@ def requested_provider(request: Request) -> str | None:
     return None
 
 
-def batches_router(collection: str = "batches", *, default_window: str | None = None,
-                   with_output: bool = False) -> APIRouter:
-    """The Batches routes under `/{collection}`; each vendor dialect mounts one with its own defaults."""
-    router = APIRouter(tags=["batches"])
+CREATE_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": BatchCreateRequest.model_json_schema()}}}}
 
-    @router.post(
-        f"/{collection}",
-        response_model=Batch,
-        openapi_extra={"requestBody": {"required": True, "content": {
-            "application/json": {"schema": BatchCreateRequest.model_json_schema()}}}},
+# The Batches routes, one implementation included under each dialect's prefix (api/main.py):
+# `router` is /batches (OpenAI, Portkey, mka1); `output_router` adds Portkey's /batches/{id}/output shortcut;
+# `singular_router` is AlphaEdge's /batch, where completion_window is optional (default 24h).
+router = APIRouter(tags=["batches"])
+output_router = APIRouter(tags=["batches"])
+singular_router = APIRouter(tags=["batches"])
+
+
+async def _create(request: Request, principal: Principal, store: Store, settings: Settings,
+                  providers: ProviderRegistry, *, default_window: str | None) -> Batch:
+    """Create a batch (a window left out defaults to `default_window`) and hand it to the workers."""
+    body = await _json_body(request)
+    provider = batch_service.check_provider(providers, principal.tenant, requested_provider(request))
+    batch = await run_in_threadpool(
+        batch_service.create_batch, store, settings, principal, body,
+        default_window=default_window, window_aliases=WINDOW_ALIASES, provider=provider,
     )
-    async def create_batch(request: Request, principal: PrincipalDep, store: StoreDep, settings: SettingsDep,
-                           providers: ProvidersDep) -> Batch:
-        body = await _json_body(request)
-        provider = batch_service.check_provider(providers, principal.tenant, requested_provider(request))
-        batch = await run_in_threadpool(
-            batch_service.create_batch, store, settings, principal, body,
-            default_window=default_window, window_aliases=WINDOW_ALIASES, provider=provider,
-        )
-        await run_in_threadpool(enqueue_orchestrate, batch.id)
-        return batch
+    await run_in_threadpool(enqueue_orchestrate, batch.id)
+    return batch
 
-    @router.get(f"/{collection}", response_model=ListPage[Batch])
-    async def list_batches(principal: PrincipalDep, reader: BatchReaderDep, limit: int | None = None,
-                           after: str | None = None) -> Response:
-        return model_response(await batch_service.list_batches(reader, principal.scope, limit=limit, after=after))
 
-    @router.get(f"/{collection}/{{batch_id}}", response_model=Batch)
-    async def retrieve_batch(batch_id: str, principal: PrincipalDep, reader: BatchReaderDep) -> Response:
-        return model_response(await batch_service.read_batch(reader, principal.scope, batch_id))
+@router.post("/batches", response_model=Batch, openapi_extra=CREATE_BODY)
+async def create_batch(request: Request, principal: PrincipalDep, store: StoreDep, settings: SettingsDep,
+                       providers: ProvidersDep) -> Batch:
+    return await _create(request, principal, store, settings, providers, default_window=None)
 
-    @router.post(f"/{collection}/{{batch_id}}/cancel", response_model=Batch)
-    def cancel_batch(batch_id: str, principal: PrincipalDep, store: StoreDep) -> Batch:
-        return batch_service.cancel_batch(store, principal.scope, batch_id)
 
-    if with_output:
-        @router.get(f"/{collection}/{{batch_id}}/output", response_class=StreamingResponse)
-        def batch_output(batch_id: str, principal: PrincipalDep, store: StoreDep, blobs: BlobsDep) -> StreamingResponse:
-            """Portkey's shortcut to a finished batch's output file."""
-            batch = batch_service.get_batch(store, principal.scope, batch_id)
-            if batch.output_file_id is None:
-                raise NotFound(f"Batch {batch_id} has no output file (status '{batch.status}').",
-                               param="id", code="output_not_ready")
-            record, stream = file_service.file_content(store, blobs, principal.scope, batch.output_file_id)
-            return StreamingResponse(stream, media_type="application/octet-stream",
-                                     headers={"content-length": str(record.file.bytes)})
+@singular_router.post("/batch", response_model=Batch, openapi_extra=CREATE_BODY, name="create_batch")
+async def create_batch_default_window(request: Request, principal: PrincipalDep, store: StoreDep,
+                                      settings: SettingsDep, providers: ProvidersDep) -> Batch:
+    return await _create(request, principal, store, settings, providers, default_window="24h")
 
-    return router
+
+@router.get("/batches", response_model=ListPage[Batch])
+@singular_router.get("/batch", response_model=ListPage[Batch])
+async def list_batches(principal: PrincipalDep, reader: BatchReaderDep, limit: int | None = None,
+                       after: str | None = None) -> Response:
+    return model_response(await batch_service.list_batches(reader, principal.scope, limit=limit, after=after))
+
+
+@router.get("/batches/{batch_id}", response_model=Batch)
+@singular_router.get("/batch/{batch_id}", response_model=Batch)
+async def retrieve_batch(batch_id: str, principal: PrincipalDep, reader: BatchReaderDep) -> Response:
+    return model_response(await batch_service.read_batch(reader, principal.scope, batch_id))
+
+
+@router.post("/batches/{batch_id}/cancel", response_model=Batch)
+@singular_router.post("/batch/{batch_id}/cancel", response_model=Batch)
+def cancel_batch(batch_id: str, principal: PrincipalDep, store: StoreDep) -> Batch:
+    return batch_service.cancel_batch(store, principal.scope, batch_id)
+
+
+@output_router.get("/batches/{batch_id}/output", response_class=StreamingResponse)
+def batch_output(batch_id: str, principal: PrincipalDep, store: StoreDep, blobs: BlobsDep) -> StreamingResponse:
+    """Portkey's shortcut to a finished batch's output file."""
+    batch = batch_service.get_batch(store, principal.scope, batch_id)
+    if batch.output_file_id is None:
+        raise NotFound(f"Batch {batch_id} has no output file (status '{batch.status}').",
+                       param="id", code="output_not_ready")
+    record, stream = file_service.file_content(store, blobs, principal.scope, batch.output_file_id)
+    return StreamingResponse(stream, media_type="application/octet-stream",
+                             headers={"content-length": str(record.file.bytes)})

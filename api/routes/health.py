@@ -4,21 +4,19 @@ from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
-from api.deps import BatchReaderDep
-from shared.errors import ServiceUnavailable
+from api.auth import check_metrics_access
+from api.deps import BatchReaderDep, SettingsDep
 
 router = APIRouter(include_in_schema=False)
 
 
 @router.get("/healthz")
 async def healthz(reader: BatchReaderDep) -> dict:
-    try:
-        await reader.ping()
-    except Exception:  # noqa: BLE001
-        raise ServiceUnavailable("Redis is not reachable.") from None
+    await reader.ping()  # Redis unreachable: 503 storage_unavailable with Retry-After (api/errors.py)
     return {"status": "ok"}
 
 
 @router.get("/metrics")
-def prometheus_metrics(request: Request) -> Response:
+def prometheus_metrics(request: Request, settings: SettingsDep) -> Response:
+    check_metrics_access(settings, request.headers)
     return Response(generate_latest(request.app.state.metrics_registry), media_type=CONTENT_TYPE_LATEST)
