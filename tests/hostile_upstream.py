@@ -22,9 +22,11 @@ Behaviours (options in brackets):
   badgzip     200 with Content-Encoding gzip over bytes that are not gzip
   slow        [s=1]  sleeps, then answers ok
   redirect    [to=URL status=307]  a redirect
+  health      200 {"status": "ok"} (any method), for readiness checks
 
 `HostileUpstream` runs it in the calling event loop (unit tests); `python tests/hostile_upstream.py --port N`
-runs it as a process (end-to-end and memory tests), printing "ready <port>" once it listens.
+runs it as a process (end-to-end and memory tests), printing "ready <port>" once it listens. `key_leaks` finds
+a key in a written line by decoding what is there, independently of the scrubber it checks.
 """
 
 from __future__ import annotations
@@ -32,7 +34,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import binascii
 import gzip
+import json
+import re
 import socket
 import ssl
 import struct
@@ -40,7 +45,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote, unquote
+from urllib.parse import quote, unquote, unquote_to_bytes
 
 import orjson
 
@@ -216,6 +221,9 @@ class HostileUpstream:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         writer.transport.abort()
 
+    async def _do_health(self, req: Request, writer: asyncio.StreamWriter) -> bool:
+        return await self._respond(writer, 200, b'{"status": "ok"}')
+
     async def _do_unknown(self, req: Request, writer: asyncio.StreamWriter) -> bool:
         return await self._respond(writer, 404, b'{"error": {"message": "unknown behaviour"}}')
 
@@ -328,9 +336,57 @@ class HostileUpstream:
                                    headers={"location": req.opts.get("to", "http://127.0.0.1:9/v1/chat/completions")})
 
 
+def key_leaks(line: bytes, key: str) -> list[str]:
+    """Forms of `key` found in a JSON line, by decoding what is there (not by re-encoding the key as the scrubber does).
+
+    Looks in the bytes, then in every string of the line: as is, percent-decoded, JSON-unescaped, and every run
+    that could be base64 (either alphabet, each of 4 offsets) or hex (each of 2 offsets) decoded.
+    """
+    raw = key.encode()
+    found = []
+    if raw in line:
+        found.append("raw bytes")
+
+    def strings(value):
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                yield k
+                yield from strings(v)
+        elif isinstance(value, list):
+            for v in value:
+                yield from strings(v)
+
+    for text in strings(orjson.loads(line)):
+        decoded = {"text": text.encode()}
+        decoded["percent"] = unquote_to_bytes(text)
+        decoded["plus"] = unquote_to_bytes(text.replace("+", " "))
+        try:
+            decoded["json"] = json.loads(f'"{text}"').encode()
+        except ValueError:
+            pass
+        for run in re.findall(r"[A-Za-z0-9+/_=-]{8,}", text):
+            for shift in range(4):
+                chunk = run[shift:]
+                chunk = chunk[: len(chunk) // 4 * 4]
+                for name, alt in (("b64", chunk), ("b64url", chunk.replace("-", "+").replace("_", "/"))):
+                    try:
+                        decoded[f"{name}+{shift}"] = base64.b64decode(alt)
+                    except (binascii.Error, ValueError):
+                        pass
+        for run in re.findall(r"[0-9a-fA-F]{16,}", text):
+            for shift in (0, 1):
+                part = run[shift:]
+                decoded[f"hex+{shift}"] = binascii.unhexlify(part[: len(part) // 2 * 2])
+        found += [f"{name} in {text[:60]!r}" for name, blob in decoded.items() if raw in blob]
+    return found
+
+
 def self_signed_context(directory: Path) -> ssl.SSLContext:
     """A server context with a fresh self-signed certificate for 127.0.0.1 (no client trusts it)."""
     import datetime
+    import ipaddress
 
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -340,8 +396,6 @@ def self_signed_context(directory: Path) -> ssl.SSLContext:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hostile.test")])
     now = datetime.datetime.now(datetime.timezone.utc)
-    import ipaddress
-
     cert = (
         x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
         .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))

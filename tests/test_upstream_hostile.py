@@ -8,20 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import json
-import re
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from urllib.parse import unquote_to_bytes
 
 import aiohttp
 import orjson
 import pytest
-from hostile_upstream import ENCODINGS, HostileUpstream, chat_completion, self_signed_context
+from hostile_upstream import ENCODINGS, HostileUpstream, chat_completion, key_leaks, self_signed_context
 
 from shared.providers import Provider, ProviderRegistry
 from shared.settings import DEFAULT_MAX_RESPONSE_BYTES, Settings
@@ -236,54 +233,11 @@ KEYS = [
 ]
 
 
-def leaks(line: bytes, key: str) -> list[str]:
-    """Forms of `key` found in `line`, by decoding what is there rather than by re-encoding the key."""
-    raw = key.encode()
-    found = []
-    if raw in line:
-        found.append("raw bytes")
-
-    def strings(value):
-        if isinstance(value, str):
-            yield value
-        elif isinstance(value, dict):
-            for k, v in value.items():
-                yield k
-                yield from strings(v)
-        elif isinstance(value, list):
-            for v in value:
-                yield from strings(v)
-
-    for text in strings(orjson.loads(line)):
-        decoded = {"text": text.encode()}
-        decoded["percent"] = unquote_to_bytes(text)
-        decoded["plus"] = unquote_to_bytes(text.replace("+", " "))
-        try:
-            decoded["json"] = json.loads(f'"{text}"').encode()
-        except ValueError:
-            pass
-        for run in re.findall(r"[A-Za-z0-9+/_=-]{8,}", text):
-            for shift in range(4):
-                chunk = run[shift:]
-                chunk = chunk[: len(chunk) // 4 * 4]
-                for name, alt in (("b64", chunk), ("b64url", chunk.replace("-", "+").replace("_", "/"))):
-                    try:
-                        decoded[f"{name}+{shift}"] = base64.b64decode(alt)
-                    except (binascii.Error, ValueError):
-                        pass
-        for run in re.findall(r"[0-9a-fA-F]{16,}", text):
-            for shift in (0, 1):
-                part = run[shift:]
-                decoded[f"hex+{shift}"] = binascii.unhexlify(part[: len(part) // 2 * 2])
-        found += [f"{name} in {text[:60]!r}" for name, blob in decoded.items() if raw in blob]
-    return found
-
-
 def test_the_leak_detector_sees_every_encoding():
     for key in KEYS:
         for enc, encode in ENCODINGS.items():
             line = orjson.dumps({"message": json.loads(b'"' + encode(key.encode()) + b'"')})
-            assert leaks(line, key), (key, enc)
+            assert key_leaks(line, key), (key, enc)
 
 
 @pytest.mark.parametrize("key", KEYS, ids=["sk", "punctuated", "hex"])
@@ -301,8 +255,8 @@ def test_no_form_of_the_key_survives(key):
     failures = []
     for case, outcome in run(go()):
         line = written(outcome)
-        if leaks(line, key):
-            failures.append((case, leaks(line, key), line[:300]))
+        if key_leaks(line, key):
+            failures.append((case, key_leaks(line, key), line[:300]))
         assert b"[redacted]" in line, case
     assert not failures
 
