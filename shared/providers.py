@@ -14,9 +14,10 @@ Configured in a TOML file named by BATCHGATE_PROVIDERS_FILE:
     rpm = 3500                           # shared by every worker process, through Redis
     tpm = 2000000
     max_inflight = 256
-    max_response_bytes = 8388608         # larger answers are dropped as response_too_large (default 8 MiB, or
-                                         # BATCHGATE_UPSTREAM_MAX_RESPONSE_BYTES when set); raise it for embeddings
-                                         # of hundreds of inputs per request or several images (see README)
+    max_response_bytes = 8388608         # decoded answer bodies over this are dropped as response_too_large;
+                                         # default 8 MiB (or BATCHGATE_UPSTREAM_MAX_RESPONSE_BYTES); raise it for
+                                         # embeddings of over 256 inputs per request or several images (README
+                                         # "Upstream answer sizes"), and keep max_concurrency x it within memory
 
     [tenants.team-a]
     providers = ["openai"]               # a tenant listed here may use only these; others may use any

@@ -10,8 +10,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_API_KEY = "sk-batchgate-dev"
 DEV_TENANT = "dev"
-# The largest upstream answer body kept, per provider: every chat, completion, response, moderation and single-image
-# answer fits with room to spare; embeddings of more than ~200 inputs per request do not (README "Upstream answers").
+# The largest upstream answer body kept, per provider: chat, completion, response and moderation answers fit with room
+# to spare, and so does an image or two; embeddings of more than 256 inputs per request (1536 dimensions as floats)
+# do not (README "Upstream answer sizes"). With 64 senders a worker holds at most 512 MiB of answers.
 DEFAULT_MAX_RESPONSE_BYTES = 8 * 1024 * 1024
 
 
