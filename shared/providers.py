@@ -14,13 +14,19 @@ Configured in a TOML file named by BATCHGATE_PROVIDERS_FILE:
     rpm = 3500                           # shared by every worker process, through Redis
     tpm = 2000000
     max_inflight = 256
+    max_response_bytes = 8388608         # decoded answer bodies over this are dropped as response_too_large;
+                                         # default 8 MiB (or BATCHGATE_UPSTREAM_MAX_RESPONSE_BYTES); raise it for
+                                         # embeddings of over 256 inputs per request or several images (README
+                                         # "Upstream answer sizes"), and keep max_concurrency x it within memory
 
     [tenants.team-a]
     providers = ["openai"]               # a tenant listed here may use only these; others may use any
     webhook_url = "https://hooks.team-a.example/batchgate"   # its host must be in BATCHGATE_WEBHOOK_ALLOWED_HOSTS
     webhook_secret = "whsec_..."         # Standard Webhooks signing secret
 
-Without a file there is one provider, "default", from BATCHGATE_UPSTREAM_* settings.
+Every key but base_url is optional; the defaults are those of the Provider model below, except that a provider
+without max_response_bytes takes BATCHGATE_UPSTREAM_MAX_RESPONSE_BYTES. Without a file there is one provider,
+"default", from BATCHGATE_UPSTREAM_* settings.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, SecretStr, model_validator
 
-from shared.settings import Settings, get_settings
+from shared.settings import DEFAULT_MAX_RESPONSE_BYTES, Settings, get_settings
 
 
 class Provider(BaseModel):
@@ -48,6 +54,8 @@ class Provider(BaseModel):
     rpm: int = Field(default=0, ge=0, description="requests per minute across all workers; 0 = unlimited")
     tpm: int = Field(default=0, ge=0, description="estimated tokens per minute across all workers; 0 = unlimited")
     max_inflight: int = Field(default=0, ge=0, description="requests in flight across all workers; 0 = unlimited")
+    max_response_bytes: int = Field(default=DEFAULT_MAX_RESPONSE_BYTES, ge=1,
+                                    description="largest answer body kept (decoded bytes); larger is response_too_large")
 
     @model_validator(mode="after")
     def _normalise(self) -> "Provider":
@@ -135,13 +143,15 @@ class ProviderRegistry:
                         rpm=settings.upstream_rpm,
                         tpm=settings.upstream_tpm,
                         max_inflight=settings.upstream_max_inflight,
+                        max_response_bytes=settings.upstream_max_response_bytes,
                     )
                 ],
                 "default",
             )
         with open(settings.providers_file, "rb") as fh:
             data = tomllib.load(fh)
-        providers = [Provider(name=name, **spec) for name, spec in data.get("providers", {}).items()]
+        default_cap = {"max_response_bytes": settings.upstream_max_response_bytes}
+        providers = [Provider(name=name, **{**default_cap, **spec}) for name, spec in data.get("providers", {}).items()]
         if not providers:
             raise ValueError(f"{settings.providers_file} defines no [providers.*] table")
         tenants = {name: TenantConfig(**spec) for name, spec in data.get("tenants", {}).items()}

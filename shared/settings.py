@@ -10,6 +10,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_API_KEY = "sk-batchgate-dev"
 DEV_TENANT = "dev"
+# The largest upstream answer body kept, per provider: chat, completion, response and moderation answers fit with room
+# to spare, and so does an image or two; embeddings of more than 256 inputs per request (1536 dimensions as floats)
+# do not (README "Upstream answer sizes"). With 64 senders a worker holds at most 512 MiB of answers.
+DEFAULT_MAX_RESPONSE_BYTES = 8 * 1024 * 1024
 
 
 class Settings(BaseSettings):
@@ -72,6 +76,8 @@ class Settings(BaseSettings):
     upstream_rpm: int = 0
     upstream_tpm: int = 0
     upstream_max_inflight: int = 0
+    upstream_max_response_bytes: int = Field(default=DEFAULT_MAX_RESPONSE_BYTES, ge=1,
+                                             description="largest upstream answer kept; providers may set their own")
     retry_base_s: float = 0.5
     retry_max_s: float = 30.0
     chunk_min_requests: int = 50
