@@ -99,7 +99,7 @@ def test_openai_sdk_with_portkey_headers(vendors):
     final = wait_terminal(client, batch.id)
     assert final.status == "completed"
     assert_exactly_once(client, final, {f"req-{i}" for i in range(8)})
-    assert vendors.store.batch_fields(batch.id)["provider"] == "openai-virtual-key"
+    assert vendors.store.batch_record(batch.id).state.provider == "openai-virtual-key"
     # The tenant's own objects: the same key as a plain Bearer sees the batch.
     assert vendors.client(max_retries=0).batches.retrieve(batch.id).id == batch.id
 
@@ -126,7 +126,7 @@ def test_portkey_sdk(vendors):
         time.sleep(0.2)
     assert current.status == "completed", current
     assert current.request_counts.completed == 6
-    assert vendors.store.batch_fields(batch.id)["provider"] == "openai-virtual-key"
+    assert vendors.store.batch_record(batch.id).state.provider == "openai-virtual-key"
     text = portkey.files.content(current.output_file_id).text  # the OpenAI SDK's binary response, as Portkey's
     assert sorted(json.loads(line)["custom_id"] for line in text.splitlines()) == sorted(f"req-{i}" for i in range(6))
 
