@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from api.auth import authenticate, end_user_of
-from shared.async_store import AsyncBatchReader
+from shared.store_async import AsyncBatchReader
 from shared.blobs import BlobStore
 from shared.providers import ProviderRegistry
 from shared.scope import Principal

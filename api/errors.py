@@ -6,25 +6,13 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from redis import exceptions as redis_errors
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
 from shared.errors import APIError
+from shared.store_client import STORAGE_UNAVAILABLE
 
 log = logging.getLogger("batchgate.api")
-
-# Redis, sync or asyncio client alike, could not serve the request now: down, frozen, loading its data, failing
-# over (read-only replica, master down) or out of memory. A retry later can succeed, so the client gets a 503 it
-# retries, never a 500. (BusyLoadingError, MaxConnectionsError and AuthenticationError are ConnectionErrors.)
-STORAGE_UNAVAILABLE = (
-    redis_errors.ConnectionError,
-    redis_errors.TimeoutError,
-    redis_errors.ReadOnlyError,
-    redis_errors.MasterDownError,
-    redis_errors.TryAgainError,
-    redis_errors.OutOfMemoryError,
-)
 
 _HTTP_CODES = {
     401: ("invalid_api_key", "invalid_request_error"),

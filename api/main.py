@@ -9,10 +9,6 @@ from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
 from fastapi import FastAPI
-from redis.asyncio.retry import Retry as AsyncRetry
-from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.retry import Retry as SyncRetry
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 from api import errors
@@ -22,7 +18,7 @@ from api.metrics import make_registry
 from api.openapi import install_openapi
 from api.request_id import RequestIdMiddleware
 from api.routes import admin, batches, files, health, ui
-from shared.async_store import AsyncBatchReader
+from shared.store_async import AsyncBatchReader
 from shared.blobs import make_blob_store
 from shared.logs import configure_logging
 from shared.providers import ProviderRegistry
@@ -43,18 +39,6 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     await app.state.batch_reader.close()
 
 
-def redis_retry(*, asyncio: bool = False) -> SyncRetry | AsyncRetry:
-    """One quick retry on a connection error, none on a timeout.
-
-    After Redis restarts, the asyncio client's first command on each pooled socket fails with a connection error
-    (the server closed it); one retry on a fresh connection makes that a success instead of a 503. A timeout
-    means Redis is frozen or overloaded: waiting again would double the time before the 503, and the client
-    retries after Retry-After anyway.
-    """
-    retry_class = AsyncRetry if asyncio else SyncRetry
-    return retry_class(ExponentialWithJitterBackoff(base=0.02, cap=0.1), 1, supported_errors=(RedisConnectionError,))
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings)
@@ -66,9 +50,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     # Bounded waits, so a frozen Redis costs a request `redis_timeout_s`, then a 503 (api/errors.py).
-    app.state.store = Store.from_url(settings.redis_url, timeout_s=settings.redis_timeout_s, retry=redis_retry())
+    app.state.store = Store.from_url(settings.redis_url, timeout_s=settings.redis_timeout_s, quick_retry=True)
     app.state.batch_reader = AsyncBatchReader.from_url(settings.redis_url, timeout_s=settings.redis_timeout_s,
-                                                       retry=redis_retry(asyncio=True))
+                                                       quick_retry=True)
     app.state.blobs = make_blob_store(settings)
     app.state.keyring = KeyRing.from_settings(settings)
     app.state.providers = ProviderRegistry.from_settings(settings)

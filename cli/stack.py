@@ -15,7 +15,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import redis
+from shared.store import Store
+from shared.store_client import STORAGE_UNAVAILABLE
 
 PYTHON = sys.executable
 BIN = Path(sys.executable).parent
@@ -73,12 +74,12 @@ def simulator_command(port: int, latency_ms: float = 0.0) -> list[str]:
 
 def wait_for_redis(url: str, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
-    client = redis.Redis.from_url(url)
+    store = Store.from_url(url)
     while True:
         try:
-            client.ping()
+            store.ping()
             return
-        except redis.ConnectionError:
+        except STORAGE_UNAVAILABLE:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from shared.async_store import AsyncBatchReader
+from shared.store_async import AsyncBatchReader
 from shared.errors import (
     Conflict,
     InvalidRequest,

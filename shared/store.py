@@ -15,6 +15,7 @@ import orjson
 import redis
 
 from shared import keys, lua
+from shared.store_client import client_options
 from shared.lifecycle import BatchRecord, BatchSpec, Effects, Move
 from shared.schemas import Batch, FileObject
 from shared.store_exec import ExecutionStore
@@ -47,12 +48,9 @@ class Store(ExecutionStore, OpsStore):
         OpsStore.__init__(self, client)
 
     @classmethod
-    def from_url(cls, url: str, *, timeout_s: float | None = None, retry: redis.retry.Retry | None = None) -> "Store":
-        """`timeout_s` bounds connecting and each reply (redis-py's default otherwise); `retry` replaces its policy."""
-        options: dict = {} if timeout_s is None else {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
-        if retry is not None:
-            options["retry"] = retry
-        return cls(redis.Redis.from_url(url, decode_responses=True, health_check_interval=30, **options))
+    def from_url(cls, url: str, *, timeout_s: float | None = None, quick_retry: bool = False) -> "Store":
+        """See shared/store_client.py for the options."""
+        return cls(redis.Redis.from_url(url, **client_options(timeout_s, quick_retry)))
 
     def ping(self) -> bool:
         return bool(self.r.ping())

@@ -14,8 +14,6 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-import orjson
-
 from shared import lines as wire
 from shared.blobs import BlobNotFound
 from shared.lifecycle import BatchRecord, Ending
@@ -189,7 +187,7 @@ async def send_requests(rt: Runtime, provider: Provider, record: BatchRecord,
             if state.stop:
                 writer.add(pos, wire.error_line(batch_id, line_no, request.custom_id, *STOP_ERRORS[state.stop]))
             else:
-                outcome = await caller.call(url, orjson.loads(memoryview(request.body)), should_stop=stopped)
+                outcome = await caller.send(url, bytes(request.body), should_stop=stopped)
                 if outcome.status_code is None:
                     line = wire.error_line(batch_id, line_no, request.custom_id,
                                            outcome.error_code or "request_failed", outcome.error_message or "")

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import logging
 
-import redis
 from celery import bootsteps
 
 from shared.settings import get_settings
 from shared.store import Store
+from shared.store_client import STORAGE_ERROR
 
 log = logging.getLogger("batchgate.pool")
 
@@ -33,7 +33,7 @@ class PoolAnnouncer(bootsteps.StartStopStep):
     def _announce(self, worker) -> None:
         try:
             self.store.announce_pool(worker.hostname, int(worker.concurrency or 1), FORGET_AFTER_S)
-        except redis.RedisError:
+        except STORAGE_ERROR:
             log.warning("could not announce the pool size", exc_info=True)
 
     def start(self, worker) -> None:
@@ -47,5 +47,5 @@ class PoolAnnouncer(bootsteps.StartStopStep):
         if self.store is not None:
             try:
                 self.store.withdraw_pool(worker.hostname)
-            except redis.RedisError:
+            except STORAGE_ERROR:
                 pass

@@ -515,7 +515,14 @@ class UpstreamCaller:
         except TypeError as exc:  # orjson.JSONEncodeError: nesting over 254, an int beyond 64 bits, a non-JSON type
             return self._record(Outcome(None, error_code=INVALID_REQUEST_BODY,
                                         error_message=f"The request body cannot be written as JSON: {exc}."))
-        tokens = estimate_tokens(body, request) if self.limiter is not None and self.limiter.us_per_token else 0
+        return await self.send(url, body, should_stop, parsed=request)
+
+    async def send(self, url: str, body: bytes, should_stop=None, parsed: dict | None = None) -> Outcome:
+        """Send JSON bytes as they are (a batch line's body, never parsed on the way); `parsed` spares a parse
+        when a token limit needs the body's completion budget."""
+        tokens = 0
+        if self.limiter is not None and self.limiter.us_per_token:
+            tokens = estimate_tokens(body, parsed if parsed is not None else orjson.loads(body))
         first = await self.attempt(url, body, tokens)
         if not first.retryable or self.provider.max_retries == 0 or (should_stop and should_stop()):
             return self._record(first)

@@ -9,6 +9,7 @@ import redis.asyncio as aioredis
 
 from shared.schemas import Batch
 from shared import keys
+from shared.store_client import client_options
 from shared.store import Page, decode_batch_reads, page_bound, queue_batch_reads
 
 
@@ -17,13 +18,9 @@ class AsyncBatchReader:
         self.r = client
 
     @classmethod
-    def from_url(cls, url: str, *, timeout_s: float | None = None,
-                 retry: aioredis.retry.Retry | None = None) -> "AsyncBatchReader":
-        """`timeout_s` bounds connecting and each reply (redis-py's default otherwise); `retry` replaces its policy."""
-        options: dict = {} if timeout_s is None else {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
-        if retry is not None:
-            options["retry"] = retry
-        return cls(aioredis.Redis.from_url(url, decode_responses=True, health_check_interval=30, **options))
+    def from_url(cls, url: str, *, timeout_s: float | None = None, quick_retry: bool = False) -> "AsyncBatchReader":
+        """See shared/store_client.py for the options."""
+        return cls(aioredis.Redis.from_url(url, **client_options(timeout_s, quick_retry, asyncio=True)))
 
     async def get_batches(self, batch_ids: list[str], scope: str | None = None) -> list[Batch | None]:
         pipe = self.r.pipeline(transaction=False)
