@@ -8,6 +8,7 @@ import time
 
 import httpx
 import openai
+import orjson
 import pytest
 from stack import API_KEY, assert_exactly_once, chat_lines, submit, wait_terminal
 
@@ -156,3 +157,62 @@ def test_concurrent_cancel_and_finalize(stack):
         final = wait_terminal(client, batch.id, timeout=60)
         assert final.status in ("cancelled", "completed"), final.status
         assert_exactly_once(client, final, {f"b{n}-{i}" for i in range(40)} if final.request_counts.total else set())
+
+
+def _tree_rss(stack) -> dict[str, int]:
+    import psutil
+
+    peak = {}
+    for name, proc in stack.group.procs.items():
+        try:
+            root = psutil.Process(proc.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for p in procs:
+            try:
+                peak[f"{name}:{p.pid}"] = p.memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
+    return peak
+
+
+def test_hostile_shapes_within_the_limits_keep_every_process_small(make_stack):
+    """Lines of 20 MB (over the per-line limit) fail the batch with line errors; a line of 250,000 tiny messages
+    (within it) runs; no process of the deployment passes 512 MiB meanwhile."""
+    import threading
+
+    stack = make_stack().start(workers=1, concurrency=2)
+    client = stack.client(max_retries=2)
+    peaks: dict[str, int] = {}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            for key, rss in _tree_rss(stack).items():
+                peaks[key] = max(peaks.get(key, 0), rss)
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        huge = b"".join(orjson.dumps({"custom_id": f"h{i}", "method": "POST", "url": "/v1/chat/completions",
+                                      "body": {"model": "sim-model", "messages": [
+                                          {"role": "user", "content": "x" * 20_000_000}]}}) + b"\n"
+                        for i in range(4))
+        failed = wait_terminal(client, submit(client, huge).id, timeout=120)
+        del huge
+        assert failed.status == "failed"
+        assert [(e.code, e.line) for e in failed.errors.data] == [("line_too_large", n) for n in (1, 2, 3, 4)]
+        many = orjson.dumps({"custom_id": "many", "method": "POST", "url": "/v1/chat/completions",
+                             "body": {"model": "sim-model",
+                                      "messages": [{"role": "user", "content": "hi"}] * 250_000}}) + b"\n"
+        assert len(many) < 8 * 1024 * 1024
+        ran = wait_terminal(client, submit(client, many + chat_lines(10)).id, timeout=120)
+        assert ran.status == "completed" and ran.request_counts.total == 11
+    finally:
+        done.set()
+        sampler.join()
+    worst = max(peaks, key=peaks.get)
+    print(f"\npeak RSS: {worst} {peaks[worst] / 2**20:.0f} MiB over {len(peaks)} processes")
+    assert peaks[worst] < 512 * 2**20, {k: v // 2**20 for k, v in peaks.items()}

@@ -59,3 +59,26 @@ def test_first_hundred_errors_are_reported_with_lines():
     scan = scan_input(io.BytesIO(data), EP, max_lines=1000)
     assert len(scan.errors) == 100
     assert scan.errors[0].code == "invalid_json_line" and scan.errors[99].line == 100
+
+
+def test_a_body_nested_past_the_limit_is_a_line_error_not_a_crash():
+    from workers.validation import MAX_NESTING
+
+    deep = {"model": "m", "x": []}
+    inner = deep["x"]
+    for _ in range(MAX_NESTING):
+        inner.append([])
+        inner = inner[0]
+    ok = {"model": "m", "x": "[[[[[[" * 100}  # brackets inside strings do not count
+    data = line("deep", body=deep) + line("ok", body=ok)
+    scan = scan_input(io.BytesIO(data), EP, max_lines=10)
+    assert [(e.code, e.line, e.param) for e in scan.errors] == [("invalid_body", 1, "body")]
+    assert "64 levels" in scan.errors[0].message
+
+
+def test_a_line_over_the_size_limit_is_skipped_without_being_held():
+    big = line("big", body={"model": "m", "pad": "x" * 5000})
+    data = line("a") + big + line("b")
+    scan = scan_input(io.BytesIO(data), EP, max_lines=10, max_line_bytes=1000)
+    assert [(e.code, e.line) for e in scan.errors] == [("line_too_large", 2)]
+    assert "1000 byte limit" in scan.errors[0].message
