@@ -18,7 +18,7 @@ run: venv
 	$(BIN)/batchgate dev
 
 test: venv
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
 
 bench: venv
 	$(BIN)/python -m bench.throughput

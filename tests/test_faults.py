@@ -170,4 +170,4 @@ def test_upstream_down_for_ten_seconds(make_stack):
     out, err = assert_exactly_once(client, final, IDS)
     assert out
     for line in err:
-        assert line["response"] is None and line["error"]["code"] == "upstream_connection_error"
+        assert line["response"] is None and line["error"]["code"] == "upstream_connect_refused"
