@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
 import typer
 
 from cli import client, stack
+from cli.supervisor import ChildKeepsDying, RestartPolicy, SupervisedGroup
 from shared.settings import DEV_API_KEY
 
 app = typer.Typer(help="batchgate: a self-hosted, OpenAI-compatible Batch API.", no_args_is_help=True)
@@ -24,54 +24,71 @@ def main() -> None:
 def dev(
     port: int = typer.Option(8000, help="Port of the API."),
     workers: int = typer.Option(2, help="Worker processes."),
-    data_dir: Path = typer.Option(Path("./data"), help="Where files and the private Redis keep their data."),
+    data_dir: Path = typer.Option(Path("./data"), help="Where files, logs and the private Redis keep their data."),
     simulator_port: int = typer.Option(8001, help="Port of the built-in upstream simulator."),
     latency_ms: float = typer.Option(50.0, help="Latency of the simulator's answers."),
 ) -> None:
-    """Run the API, a worker, beat, the simulator (and Redis if none is configured) in the foreground."""
+    """Run the API, a worker, beat, the simulator (and Redis if none is configured) in the foreground.
+
+    A process that dies is started again after 1 s, 2 s, ...; 3 deaths of one within a minute stop everything.
+
+    Each process writes its output to <data-dir>/logs/<name>.log.
+    """
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    group = stack.ProcessGroup(log_dir=None)
-    redis_url = os.environ.get("BATCHGATE_REDIS_URL")
-    if not redis_url:
-        redis_port = stack.free_port()
-        (data_dir / "redis").mkdir(exist_ok=True)
-        group.start("redis", stack.redis_command(redis_port, data_dir / "redis", appendonly=True))
-        redis_url = f"redis://127.0.0.1:{redis_port}/0"
-        typer.echo(f"started a private redis-server at {redis_url}")
-    stack.wait_for_redis(redis_url)
-
-    env = {
-        "BATCHGATE_REDIS_URL": redis_url,
-        "BATCHGATE_DATA_DIR": str(data_dir),
-        "BATCHGATE_DEV_MODE": "1",
-        "BATCHGATE_SWEEP_INTERVAL_S": os.environ.get("BATCHGATE_SWEEP_INTERVAL_S", "10"),
-    }
-    if "BATCHGATE_UPSTREAM_BASE_URL" not in os.environ and "BATCHGATE_PROVIDERS_FILE" not in os.environ:
-        group.start("simulator", stack.simulator_command(simulator_port, latency_ms))
-        env["BATCHGATE_UPSTREAM_BASE_URL"] = f"http://127.0.0.1:{simulator_port}/v1"
-        typer.echo(f"simulator (the default upstream) at http://127.0.0.1:{simulator_port}/v1, {latency_ms:g} ms latency")
-    group.env.update(env)
-    group.start("worker", stack.worker_command(workers, name="dev"))
-    group.start("beat", stack.beat_command(data_dir / "celerybeat-schedule"))
-    group.start("api", stack.api_command(port))
+    log_dir = data_dir / "logs"
+    children = SupervisedGroup(stack.ProcessGroup(log_dir=log_dir), RestartPolicy(),
+                               report=lambda line: typer.echo(line, err=True))
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        stack.wait_for_http(f"http://127.0.0.1:{port}/healthz")
+        redis_url = os.environ.get("BATCHGATE_REDIS_URL")
+        if not redis_url:
+            redis_port = stack.free_port()
+            (data_dir / "redis").mkdir(exist_ok=True)
+            children.start("redis", stack.redis_command(redis_port, data_dir / "redis", appendonly=True))
+            redis_url = f"redis://127.0.0.1:{redis_port}/0"
+            typer.echo(f"started a private redis-server at {redis_url}")
+        children.wait_until(lambda: stack.redis_answers(redis_url), 10, f"Redis at {redis_url}")
+
+        env = {
+            "BATCHGATE_REDIS_URL": redis_url,
+            "BATCHGATE_DATA_DIR": str(data_dir),
+            "BATCHGATE_DEV_MODE": "1",
+            "BATCHGATE_SWEEP_INTERVAL_S": os.environ.get("BATCHGATE_SWEEP_INTERVAL_S", "10"),
+        }
+        if "BATCHGATE_UPSTREAM_BASE_URL" not in os.environ and "BATCHGATE_PROVIDERS_FILE" not in os.environ:
+            children.start("simulator", stack.simulator_command(simulator_port, latency_ms))
+            env["BATCHGATE_UPSTREAM_BASE_URL"] = f"http://127.0.0.1:{simulator_port}/v1"
+            typer.echo(f"simulator (the default upstream) at http://127.0.0.1:{simulator_port}/v1, "
+                       f"{latency_ms:g} ms latency")
+        children.group.env.update(env)
+        children.start("worker", stack.worker_command(workers, name="dev"))
+        children.start("beat", stack.beat_command(data_dir / "celerybeat-schedule"))
+        children.start("api", stack.api_command(port))
+        healthz = f"http://127.0.0.1:{port}/healthz"
+        children.wait_until(lambda: stack.http_answers(healthz), 30, f"the API at {healthz}")
         typer.echo(f"batchgate API at http://127.0.0.1:{port}/v1")
         if not os.environ.get("BATCHGATE_API_KEYS"):
             typer.echo(f"development API key: {DEV_API_KEY}")
+        typer.echo(f"logs of each process in {log_dir}/")
         typer.echo("Ctrl-C stops everything.")
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
-        while all(p.poll() is None for p in group.procs.values()):
-            time.sleep(0.5)
-        dead = [name for name, p in group.procs.items() if p.poll() is not None]
-        typer.echo(f"stopping: {', '.join(dead)} exited", err=True)
-        raise typer.Exit(1)
+        children.run()
+    except ChildKeepsDying as gave_up:
+        typer.echo(f"stopping: {gave_up.name} died {gave_up.decision.deaths} times within "
+                   f"{gave_up.decision.window_s:g}s (last: {gave_up.exit_status})", err=True)
+        if gave_up.last_lines:
+            typer.echo(f"last lines of {gave_up.log_file}:", err=True)
+            for line in gave_up.last_lines:
+                typer.echo(f"  {line}", err=True)
+        raise typer.Exit(1) from None
+    except TimeoutError as exc:
+        typer.echo(f"stopping: {exc}; see {log_dir}/", err=True)
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         typer.echo("stopping…")
     finally:
-        group.stop_all()
+        children.stop_all()
 
 
 for _name, _command in client.COMMANDS.items():

@@ -85,6 +85,25 @@ def wait_for_redis(url: str, timeout: float = 10.0) -> None:
             time.sleep(0.05)
 
 
+def redis_answers(url: str) -> bool:
+    client = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+def http_answers(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=1.0).status_code < 500
+    except httpx.HTTPError:
+        return False
+
+
 def wait_for_http(url: str, timeout: float = 20.0) -> None:
     import httpx
 
@@ -109,18 +128,30 @@ class ProcessGroup:
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def start(self, name: str, command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-        output = None
-        if self.log_dir is not None:
+        """Start `name`; with a `log_dir`, its stdout and stderr are appended to `<log_dir>/<name>.log`."""
+        env = {**self.env, **(env or {})}
+        if self.log_dir is None:
+            proc = subprocess.Popen(command, env=env, start_new_session=True)
+        else:
             self.log_dir.mkdir(parents=True, exist_ok=True)
-            output = open(self.log_dir / f"{name}.log", "ab")
-        proc = subprocess.Popen(command, env={**self.env, **(env or {})}, stdout=output, stderr=output,
-                                start_new_session=True)
+            with open(self.log_dir / f"{name}.log", "ab") as output:
+                proc = subprocess.Popen(command, env=env, stdout=output, stderr=output, start_new_session=True)
         self.procs[name] = proc
         return proc
 
+    def reap(self, name: str) -> None:
+        """Forget a child that exited, killing whatever it left in its process group (e.g. a pool's processes)."""
+        proc = self.procs.pop(name, None)
+        if proc is not None:
+            _kill_group(proc.pid)
+            proc.wait()
+
     def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
         proc = self.procs.pop(name, None)
-        if proc is None or proc.poll() is not None:
+        if proc is None:
+            return
+        if proc.poll() is not None:
+            _kill_group(proc.pid)
             return
         try:
             os.killpg(proc.pid, sig)
@@ -137,3 +168,10 @@ class ProcessGroup:
     def stop_all(self) -> None:
         for name in reversed(list(self.procs)):
             self.stop(name)
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass

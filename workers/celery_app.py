@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from queue import Empty
+
 from celery import Celery
 from celery.signals import (
     setup_logging,
@@ -10,6 +12,7 @@ from celery.signals import (
     worker_process_init,
     worker_process_shutdown,
 )
+from kombu.transport import redis as kombu_redis
 
 from shared.logs import batch_id_var, configure_logging
 from shared.queue import (
@@ -24,6 +27,45 @@ from shared.queue import (
 )
 from shared.settings import get_settings
 from workers.pool import PoolAnnouncer
+
+
+def finish_close_after_dead_brpop() -> None:
+    """Let a Redis channel finish closing when the BRPOP it was waiting on died with the connection.
+
+    Works around a crash of the whole worker node when Redis dies while tasks run (kombu 5.7.0 + celery 5.7.0, the
+    latest releases; no release fixes it; no upstream report of this exact chain found). On a connection loss
+    celery's consumer calls `connection.collect()` and then `connection.close()` (added for celery/celery#9705 by
+    PR celery/celery#10242). kombu's redis `Channel.close()` first reads the reply of a BRPOP still in flight (added
+    by celery/kombu#1733); on a dead socket that read raises a ConnectionError before the channel is marked closed.
+    `collect()` swallows it, its `close_connection()` stops at the first channel whose close fails (the pidbox
+    channel, deleting its auto-delete queue on the dead Redis) and it then detaches the transport from the
+    Connection (`transport.client = None`). The later `close()` closes the half-closed default channel again:
+    `QoS.restore_unacked()` for the tasks still running builds a new pool from `transport.client.hostname` and
+    raises AttributeError, which `ignore_errors` does not catch, so `celery worker` exits with
+    "Unrecoverable error: AttributeError(... 'hostname')" (the symptom of celery/kombu#582, another late close).
+
+    A dead connection has no BRPOP reply left to read, so here a connection error ends that read and `close()`
+    runs to the end the first time, while the transport is still attached. Unacked messages stay in Redis and
+    come back by the visibility timeout, as on any connection loss. tests/test_redis_restarts.py fails once kombu
+    fixes this, so the patch can go.
+    """
+    close = kombu_redis.Channel.close
+    if getattr(close, "_batchgate_patched", False):
+        return
+
+    def close_tolerating_dead_brpop(self: kombu_redis.Channel) -> None:
+        if getattr(self, "_in_poll", None):
+            try:
+                self._brpop_read()  # clears _in_poll whatever happens
+            except Empty:
+                pass
+            except self.connection_errors:
+                pass
+        close(self)
+
+    close_tolerating_dead_brpop._batchgate_patched = True  # type: ignore[attr-defined]
+    close_tolerating_dead_brpop._batchgate_original = close  # type: ignore[attr-defined]
+    kombu_redis.Channel.close = close_tolerating_dead_brpop
 
 
 def make_app() -> Celery:
@@ -62,6 +104,7 @@ def make_app() -> Celery:
     return app
 
 
+finish_close_after_dead_brpop()
 app = make_app()
 
 

@@ -1,0 +1,129 @@
+"""`batchgate dev` as a user runs it: a child that dies comes back; one that keeps dying stops everything, loudly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import openai
+import psutil
+import pytest
+from stack import assert_exactly_once, chat_lines, submit, wait_terminal
+
+from cli import stack as procs
+from shared.settings import DEV_API_KEY
+
+pytestmark = pytest.mark.e2e
+
+BATCHGATE = str(Path(sys.executable).parent / "batchgate")
+
+
+class Dev:
+    """A `batchgate dev` subprocess on free ports, its console captured to files."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.api_port = procs.free_port()
+        self.sim_port = procs.free_port()
+        self.stdout_path = root / "stdout.txt"
+        self.stderr_path = root / "stderr.txt"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHGATE_")}  # its own Redis, its simulator
+        with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
+            self.proc = subprocess.Popen(
+                [BATCHGATE, "dev", "--port", str(self.api_port), "--simulator-port", str(self.sim_port),
+                 "--data-dir", str(root / "data"), "--latency-ms", "5"],
+                env=env, stdout=out, stderr=err, start_new_session=True,
+            )
+
+    @property
+    def stdout(self) -> str:
+        return self.stdout_path.read_text(errors="replace")
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def wait_for(self, text: str, timeout: float, stream: str = "stderr") -> None:
+        deadline = time.monotonic() + timeout
+        while text not in getattr(self, stream):
+            assert self.proc.poll() is None, f"dev exited {self.proc.returncode}:\n{self.stdout}\n{self.stderr}"
+            assert time.monotonic() < deadline, f"{text!r} not printed within {timeout:g}s:\n{self.stdout}\n{self.stderr}"
+            time.sleep(0.1)
+
+    def child(self, marker: str) -> psutil.Process:
+        """The child of dev whose command line contains `marker`."""
+        for proc in psutil.Process(self.proc.pid).children():
+            if marker in " ".join(proc.cmdline()):
+                return proc
+        raise LookupError(f"no child of dev runs {marker!r}")
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self) -> None:
+        left = self.descendants()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        for proc in left:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
+@pytest.fixture
+def dev(tmp_path):
+    running = Dev(tmp_path)
+    yield running
+    running.stop()
+
+
+def test_dev_restarts_a_killed_child_and_stops_everything_when_one_keeps_dying(dev):
+    dev.wait_for("Ctrl-C stops everything.", timeout=60, stream="stdout")
+    log_dir = dev.root / "data" / "logs"
+    assert {"redis.log", "simulator.log", "worker.log", "beat.log", "api.log"} <= {p.name for p in log_dir.iterdir()}
+
+    # SIGKILL the whole worker (its pool too) and the simulator: both come back and a batch completes.
+    worker, simulator = dev.child("celery -A workers.celery_app worker"), dev.child("-m simulator")
+    os.killpg(worker.pid, signal.SIGKILL)
+    simulator.kill()
+    dev.wait_for("worker exited (killed by SIGKILL); restarting it in 1s", timeout=10)
+    dev.wait_for("simulator exited (killed by SIGKILL); restarting it in 1s", timeout=10)
+    dev.wait_for("worker restarted", timeout=10)
+    dev.wait_for("simulator restarted", timeout=10)
+    assert dev.child("celery -A workers.celery_app worker").pid != worker.pid
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{dev.api_port}/v1", api_key=DEV_API_KEY, max_retries=5)
+    batch = wait_terminal(client, submit(client, chat_lines(50)).id, timeout=60)
+    assert batch.status == "completed"
+    assert_exactly_once(client, batch, {f"req-{i}" for i in range(50)})
+
+    # Now the simulator cannot start again: its port is taken. Third death within a minute: dev gives up.
+    children = dev.descendants()
+    simulator = dev.child("-m simulator")
+    simulator.kill()
+    simulator.wait(5)
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT of the killed server
+        squatter.bind(("127.0.0.1", dev.sim_port))
+        squatter.listen()
+        assert dev.proc.wait(timeout=60) == 1
+    err = dev.stderr
+    assert "simulator exited (killed by SIGKILL); restarting it in 2s" in err
+    assert "stopping: simulator died 3 times within 60s" in err
+    assert f"last lines of {log_dir / 'simulator.log'}:" in err
+    assert "address already in use" in err.split("last lines of")[-1]
+    time.sleep(0.5)
+    assert [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == [], \
+        "dev left processes running"
