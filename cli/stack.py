@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.store import Store
-from shared.store_client import STORAGE_UNAVAILABLE
+from shared.store_client import STORAGE_ERROR, STORAGE_UNAVAILABLE
 
 PYTHON = sys.executable
 BIN = Path(sys.executable).parent
@@ -86,13 +86,13 @@ def wait_for_redis(url: str, timeout: float = 10.0) -> None:
 
 
 def redis_answers(url: str) -> bool:
-    client = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+    store = Store.from_url(url, timeout_s=1.0)
     try:
-        return bool(client.ping())
-    except redis.RedisError:
+        return store.ping()
+    except STORAGE_ERROR:
         return False
     finally:
-        client.close()
+        store.close()
 
 
 def http_answers(url: str) -> bool:

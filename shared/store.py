@@ -55,6 +55,9 @@ class Store(ExecutionStore, OpsStore):
     def ping(self) -> bool:
         return bool(self.r.ping())
 
+    def close(self) -> None:
+        self.r.close()
+
     def next_seq(self) -> int:
         return int(self.r.incr(keys.SEQ))
 
