@@ -129,15 +129,15 @@ def finalize(rt: Runtime, batch_id: str) -> str | None:
             store.renew_finalize_lease(batch_id, token, lease_s)
 
         now = int(time.time())
+        def write_files(check: bool) -> tuple[Assembly, str | None, str | None]:
+            a = _assemble(rt, record, commits, check=check)
+            return a, _register(rt, record, "output", a.out, now, renew), _register(rt, record, "error", a.err, now, renew)
+
         try:
             try:
-                a = _assemble(rt, record, commits, check=False)
-                output_file_id = _register(rt, record, "output", a.out, now, renew)
-                error_file_id = _register(rt, record, "error", a.err, now, renew)
-            except BlobNotFound:
-                a = _assemble(rt, record, commits, check=True)
-                output_file_id = _register(rt, record, "output", a.out, now, renew)
-                error_file_id = _register(rt, record, "error", a.err, now, renew)
+                a, output_file_id, error_file_id = write_files(check=False)
+            except BlobNotFound:  # only then is every segment checked, a blob request each
+                a, output_file_id, error_file_id = write_files(check=True)
         except (BlobNotFound, InputLost):
             rt.lifecycle.end(record, "lose", time.time(), Ending(errors=[{
                 "code": "results_lost", "line": None, "param": None,

@@ -97,11 +97,8 @@ def _sweep_batch(rt: Runtime, batch_id: str, now: float, timing: Timing, queue_i
 def _carry_out(rt: Runtime, record, action: Action, now: float, dispatch: Dispatch, repairs: Repairs) -> None:
     store, batch_id = rt.store, record.id
     repairs.actions.append((batch_id, action.kind))
-    if action.kind == "orchestrate":
-        store.mark_sent(batch_id, "orchestrate", now)
-        dispatch.orchestrate(batch_id)
-    elif action.kind == "start":
-        # The planning run died before starting the batch; orchestrate starts it and returns its chunks.
+    if action.kind in ("orchestrate", "start"):
+        # For "start" the planning run died before starting the batch; orchestrate starts it and sends its chunks.
         store.mark_sent(batch_id, "orchestrate", now)
         dispatch.orchestrate(batch_id)
     elif action.kind == "expire":
