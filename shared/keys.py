@@ -19,6 +19,20 @@ METRIC_COUNTERS = f"{PREFIX}:metrics:counters"  # field "<name>|<label>" -> int
 METRIC_LATENCY = f"{PREFIX}:metrics:latency"  # field "<provider>|<bucket index>", "|sum_ms", "|count"
 SWEEPER_LOCK = f"{PREFIX}:sweeper:lock"
 POOL_PREFIX = f"{PREFIX}:pool:"  # + worker node name -> its process count, with a short expiry
+# The scheduler (shared/store_sched.py): which released chunk a worker runs next.
+SCHED_TENANTS = f"{PREFIX}:sched:tenants"  # zset tenant -> virtual time, the tenants with chunks to run
+SCHED_STATE = f"{PREFIX}:sched:state"  # hash: vnow, rr, "w:<tenant>" weight, "vt:<tenant>" virtual time when idle
+SCHED_BATCHES_PREFIX = f"{PREFIX}:sched:batches:"  # + tenant -> zset batch id -> round-robin turn
+SCHED_WAITING_PREFIX = f"{PREFIX}:sched:waiting:"  # + tenant -> zset queued batch id -> creation sequence
+SCHED_ENQUEUED = f"{PREFIX}:sched:enqueued"  # hash tenant -> requests of its admitted, unfinished batches
+
+
+def sched_batches(tenant: str) -> str:
+    return f"{SCHED_BATCHES_PREFIX}{tenant}"
+
+
+def sched_waiting(tenant: str) -> str:
+    return f"{SCHED_WAITING_PREFIX}{tenant}"
 
 
 def scope_tag(scope: str) -> str:
@@ -47,10 +61,14 @@ def batch(batch_id: str) -> str:
 class BatchKeys:
     """The keys of one batch's execution state."""
 
+    PLAN_SUFFIX = ":plan"
+    READY_SUFFIX = ":ready"
+
     def __init__(self, batch_id: str) -> None:
         stem = batch(batch_id)
         self.record = stem
-        self.plan = f"{stem}:plan"  # list of encoded ChunkSpecs
+        self.plan = f"{stem}{self.PLAN_SUFFIX}"  # list of encoded ChunkSpecs
+        self.ready = f"{stem}{self.READY_SUFFIX}"  # list of chunk indexes released to the scheduler, not yet taken
         self.done = f"{stem}:done"  # set of committed chunk indexes
         self.counts = f"{stem}:counts"  # hash chunk index -> committed counts (json)
         self.progress = f"{stem}:progress"  # hash chunk index -> "completed:failed" durable so far
@@ -74,7 +92,7 @@ class BatchKeys:
     def working(self, n_chunks: int) -> list[str]:
         """Every execution key of the batch: what clean-up deletes once the batch has ended."""
         per_chunk = [k for i in range(n_chunks) for k in (self.lease(i), self.finished(i), self.segments(i))]
-        return [self.plan, self.done, self.counts, self.progress, self.attempts, self.redriven, self.finalize_lease,
+        return [self.plan, self.ready, self.done, self.counts, self.progress, self.attempts, self.redriven, self.finalize_lease,
                 self.finalize_lock_v1, *per_chunk]
 
 

@@ -128,3 +128,110 @@ if not due or tonumber(due) > tonumber(ARGV[2]) then return 0 end
 redis.call('ZADD', KEYS[1], tonumber(ARGV[2]) + tonumber(ARGV[3]), ARGV[1])
 return 1
 """
+
+# The scheduler (shared/store_sched.py). Tenants are served by weighted fair queuing: each has a virtual time that
+# grows by the lines it is given divided by its weight, and the tenant with the least goes next; a tenant coming
+# back from idle starts at the clock (the last virtual time served), so idleness is not saved up as credit.
+
+# Release chunks of a batch to be run.
+# KEYS: 1 tenants zset, 2 state hash, 3 the batch's ready list, 4 the tenant's batches zset.
+# ARGV: batch id, tenant, weight, chunk index...
+RELEASE_CHUNKS = """
+local ready = redis.call('LRANGE', KEYS[3], 0, -1)
+local have = {}
+for _, idx in ipairs(ready) do have[idx] = true end
+for i = 4, #ARGV do
+  if not have[ARGV[i]] then
+    redis.call('RPUSH', KEYS[3], ARGV[i])
+    have[ARGV[i]] = true
+  end
+end
+if redis.call('LLEN', KEYS[3]) == 0 then return 0 end
+redis.call('HSET', KEYS[2], 'w:' .. ARGV[2], ARGV[3])
+if not redis.call('ZSCORE', KEYS[4], ARGV[1]) then
+  redis.call('ZADD', KEYS[4], redis.call('HINCRBY', KEYS[2], 'rr', 1), ARGV[1])
+end
+if not redis.call('ZSCORE', KEYS[1], ARGV[2]) then
+  local vnow = tonumber(redis.call('HGET', KEYS[2], 'vnow') or '0')
+  local last = tonumber(redis.call('HGET', KEYS[2], 'vt:' .. ARGV[2]) or '0')
+  redis.call('ZADD', KEYS[1], math.max(vnow, last), ARGV[2])
+end
+return 1
+"""
+
+# Take the chunk to run next: the tenant with the least virtual time; within it a stopped batch first (its chunks
+# only write their stop lines), then a batch near its deadline (less than `urgent` of its window left; earliest
+# deadline first), then higher priority, then the batch with less time left by octaves (a 1 h batch before a 7 d one),
+# then round robin.
+# KEYS: 1 tenants zset, 2 state hash.
+# ARGV: now, batch record prefix, ready suffix, plan suffix, tenant batches prefix, urgent fraction, terminal
+# statuses (",a,b,"), candidates per tenant.
+# Returns {batch id, chunk index, tenant} or false when nothing is ready.
+TAKE_CHUNK = """
+local now = tonumber(ARGV[1])
+local urgent_fraction = tonumber(ARGV[6])
+local function better(a, b)
+  for i = 1, #a do
+    if a[i] ~= b[i] then return a[i] < b[i] end
+  end
+  return false
+end
+for _ = 1, 32 do
+  local top = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  if #top == 0 then return false end
+  local tenant, vt = top[1], tonumber(top[2])
+  local tkey = ARGV[5] .. tenant
+  local cands = redis.call('ZRANGE', tkey, 0, tonumber(ARGV[8]) - 1, 'WITHSCORES')
+  local best, best_key = nil, nil
+  for i = 1, #cands, 2 do
+    local bid = cands[i]
+    local rec = ARGV[2] .. bid
+    local f = redis.call('HMGET', rec, 'status', 'priority', 'expires_at', 'created_at', 'stop')
+    if (not f[1]) or string.find(ARGV[7], ',' .. f[1] .. ',', 1, true)
+        or redis.call('LLEN', rec .. ARGV[3]) == 0 then
+      redis.call('ZREM', tkey, bid)
+    else
+      local expires = tonumber(f[3] or '0') or 0
+      local window = math.max(1, expires - (tonumber(f[4] or '0') or 0))
+      local slack = math.max(1, expires - now)
+      local key
+      if f[5] and f[5] ~= '' then
+        key = {0, 0, 0, 0, tonumber(cands[i + 1])}
+      elseif expires > 0 and slack < window * urgent_fraction then
+        key = {1, expires, 0, 0, tonumber(cands[i + 1])}
+      else
+        key = {2, 0, -(tonumber(f[2] or '0') or 0), math.floor(math.log(slack) / math.log(2)), tonumber(cands[i + 1])}
+      end
+      if best == nil or better(key, best_key) then best, best_key = bid, key end
+    end
+  end
+  if best == nil then
+    redis.call('ZREM', KEYS[1], tenant)
+    redis.call('HSET', KEYS[2], 'vt:' .. tenant, vt)
+  else
+    local rec = ARGV[2] .. best
+    local idx = redis.call('LPOP', rec .. ARGV[3])
+    local n = 0
+    if best_key[1] ~= 0 then
+      local spec = redis.call('LINDEX', rec .. ARGV[4], tonumber(idx))
+      if spec then n = tonumber(string.match(spec, '(%d+)$')) or 0 end
+    end
+    local weight = tonumber(redis.call('HGET', KEYS[2], 'w:' .. tenant) or '1') or 1
+    local next_vt = vt + n / weight
+    redis.call('HSET', KEYS[2], 'vnow', vt)
+    if redis.call('LLEN', rec .. ARGV[3]) == 0 then
+      redis.call('ZREM', tkey, best)
+    else
+      redis.call('ZADD', tkey, redis.call('HINCRBY', KEYS[2], 'rr', 1), best)
+    end
+    if redis.call('ZCARD', tkey) == 0 then
+      redis.call('ZREM', KEYS[1], tenant)
+      redis.call('HSET', KEYS[2], 'vt:' .. tenant, next_vt)
+    else
+      redis.call('ZADD', KEYS[1], next_vt, tenant)
+    end
+    return {best, idx, tenant}
+  end
+end
+return false
+"""

@@ -23,6 +23,8 @@ Configured in a TOML file named by BATCHGATE_PROVIDERS_FILE:
     providers = ["openai"]               # a tenant listed here may use only these; others may use any
     webhook_url = "https://hooks.team-a.example/batchgate"   # its host must be in BATCHGATE_WEBHOOK_ALLOWED_HOSTS
     webhook_secret = "whsec_..."         # Standard Webhooks signing secret
+    weight = 1                           # its share of the workers against other tenants with work
+    max_enqueued_requests = 100000       # requests of started, unfinished batches; a batch over it waits
 
 Every key but base_url is optional; the defaults are those of the Provider model below, except that a provider
 without max_response_bytes takes BATCHGATE_UPSTREAM_MAX_RESPONSE_BYTES. Without a file there is one provider,
@@ -80,6 +82,9 @@ class TenantConfig(BaseModel):
     providers: list[str] | None = None
     webhook_url: str | None = None
     webhook_secret: SecretStr | None = None
+    weight: float = Field(default=1.0, gt=0, le=1000, description="share of the workers against other tenants")
+    max_enqueued_requests: int | None = Field(
+        default=None, ge=1, description="requests of started, unfinished batches; a batch over it waits")
 
 
 class ProviderRegistry:
@@ -104,6 +109,14 @@ class ProviderRegistry:
     def allowed(self, tenant: str, name: str) -> bool:
         config = self.tenants.get(tenant)
         return config is None or config.providers is None or name in config.providers
+
+    def weight(self, tenant: str) -> float:
+        config = self.tenants.get(tenant)
+        return config.weight if config is not None else 1.0
+
+    def max_enqueued_requests(self, tenant: str) -> int | None:
+        config = self.tenants.get(tenant)
+        return config.max_enqueued_requests if config is not None else None
 
     def webhook(self, tenant: str) -> TenantConfig | None:
         config = self.tenants.get(tenant)

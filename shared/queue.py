@@ -13,6 +13,7 @@ log = logging.getLogger(__name__)
 
 ORCHESTRATE = "batchgate.orchestrate"
 RUN_CHUNK = "batchgate.run_chunk"
+RUN_WORK = "batchgate.run_work"  # a ticket: a free process runs what the scheduler gives it
 FINALIZE = "batchgate.finalize"
 SWEEP = "batchgate.sweep"
 DELIVER_WEBHOOK = "batchgate.deliver_webhook"

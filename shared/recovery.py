@@ -32,7 +32,7 @@ ACTIONS = {
     "end_cancelled": "end an unplanned `cancelling` batch `cancelled`",
     "stop": "tell the batch's chunks to stop sending (reason: expired)",
     "close_chunks": "write the stop reason's error lines for chunks no run holds, and commit them",
-    "redrive_chunks": "send the messages of chunks whose run was lost",
+    "redrive_chunks": "release to the scheduler again the chunks whose run was lost",
     "finalize": "send the batch's finalize message again",
 }
 
@@ -55,8 +55,7 @@ def recover_validating(record: BatchRecord, facts: ExecutionFacts | None, now: f
     return []
 
 
-def _running(record: BatchRecord, facts: ExecutionFacts, now: float, t: Timing, stop: str | None,
-             queue_idle: bool) -> list[Action]:
+def _running(record: BatchRecord, facts: ExecutionFacts, now: float, t: Timing, stop: str | None) -> list[Action]:
     st = record.state
     actions: list[Action] = []
     if stop is None and now >= record.spec.expires_at:
@@ -77,27 +76,23 @@ def _running(record: BatchRecord, facts: ExecutionFacts, now: float, t: Timing, 
         return actions
     lost = []
     for index in unheld:
-        if _since(now, facts.redriven.get(index, 0.0), st.dispatched_at) <= t.redrive_after_s:
+        if index in facts.ready or _since(now, facts.redriven.get(index, 0.0), st.dispatched_at) <= t.redrive_after_s:
             continue
-        # A started chunk with no live lease lost its runner; one never started was lost with its message, which is
-        # only certain when nothing is waiting in the queue.
-        if index in facts.started or queue_idle:
-            lost.append(index)
+        # Neither waiting in the scheduler, nor held by a live run, nor committed: its run (or its release) was lost.
+        lost.append(index)
     if lost:
         actions.append(Action("redrive_chunks", tuple(lost)))
     return actions
 
 
-def recover_in_progress(record: BatchRecord, facts: ExecutionFacts, now: float, t: Timing, queue_idle: bool
-                        ) -> list[Action]:
-    return _running(record, facts, now, t, record.state.stop, queue_idle)
+def recover_in_progress(record: BatchRecord, facts: ExecutionFacts, now: float, t: Timing) -> list[Action]:
+    return _running(record, facts, now, t, record.state.stop)
 
 
-def recover_cancelling(record: BatchRecord, facts: ExecutionFacts | None, now: float, t: Timing, queue_idle: bool
-                       ) -> list[Action]:
+def recover_cancelling(record: BatchRecord, facts: ExecutionFacts | None, now: float, t: Timing) -> list[Action]:
     if not record.state.planned or facts is None:
         return [Action("end_cancelled")]
-    return _running(record, facts, now, t, record.state.stop or "cancelled", queue_idle)
+    return _running(record, facts, now, t, record.state.stop or "cancelled")
 
 
 def recover_finalizing(record: BatchRecord, facts: ExecutionFacts, now: float, t: Timing) -> list[Action]:
@@ -106,18 +101,17 @@ def recover_finalizing(record: BatchRecord, facts: ExecutionFacts, now: float, t
     return []
 
 
-def recover(record: BatchRecord, facts: ExecutionFacts | None, now: float, t: Timing, queue_idle: bool
-            ) -> list[Action]:
+def recover(record: BatchRecord, facts: ExecutionFacts | None, now: float, t: Timing) -> list[Action]:
     """The actions for one active batch. `facts` is None for a batch that has no plan yet."""
     status = record.state.status
     if status == VALIDATING:
         return recover_validating(record, facts, now, t)
     if status == CANCELLING:
-        return recover_cancelling(record, facts, now, t, queue_idle)
+        return recover_cancelling(record, facts, now, t)
     if facts is None:
         return []
     if status == IN_PROGRESS:
-        return recover_in_progress(record, facts, now, t, queue_idle)
+        return recover_in_progress(record, facts, now, t)
     if status == FINALIZING:
         return recover_finalizing(record, facts, now, t)
     return []

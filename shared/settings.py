@@ -82,8 +82,10 @@ class Settings(BaseSettings):
     retry_max_s: float = 30.0
     chunk_min_requests: int = 50
     chunk_max_requests: int = 2000
-    chunk_target_count: int = 16
-    chunk_waves: int = Field(default=10, description="a chunk holds at least this many x a process's senders")
+    chunk_waves: int = Field(default=4, description="a chunk holds about this many x a process's senders: the "
+                             "scheduler's unit, so a new batch waits at most about this many upstream latencies")
+    runner_budget_s: float = Field(default=60.0, gt=0, description="how long a worker process serves chunks for one "
+                                   "ticket before it hands over to the next message")
     chunk_max_attempts: int = 3
     chunk_lease_s: float = 30.0
     progress_interval_s: float = 0.5

@@ -20,6 +20,7 @@ from shared.lifecycle import BatchRecord, BatchSpec, Effects, Move
 from shared.schemas import Batch, FileObject
 from shared.store_exec import ExecutionStore
 from shared.store_ops import OpsStore
+from shared.store_sched import SchedulerStore
 
 
 @dataclass(frozen=True)
@@ -40,12 +41,13 @@ class Page:
         return cls(ids[:limit], len(ids) > limit)
 
 
-class Store(ExecutionStore, OpsStore):
+class Store(ExecutionStore, OpsStore, SchedulerStore):
     def __init__(self, client: redis.Redis) -> None:
         self.r = client
         self._apply_move = client.register_script(lua.APPLY_MOVE)
         ExecutionStore.__init__(self, client)
         OpsStore.__init__(self, client)
+        SchedulerStore.__init__(self, client)
 
     @classmethod
     def from_url(cls, url: str, *, timeout_s: float | None = None, quick_retry: bool = False) -> "Store":

@@ -94,6 +94,7 @@ class ExecutionFacts:
     started: set[int]
     redriven: dict[int, float]
     finalize_leased: bool
+    ready: frozenset[int] = frozenset()  # released to the scheduler and not yet taken
 
 
 class ExecutionStore:
@@ -201,15 +202,17 @@ class ExecutionStore:
         pipe.hgetall(bk.attempts)
         pipe.hgetall(bk.redriven)
         pipe.exists(bk.finalize_lease, bk.finalize_lock_v1)
+        pipe.lrange(bk.ready, 0, -1)
         for i in range(n_chunks):
             pipe.exists(bk.lease(i))
-        done, attempts, redriven, finalize_leased, *leases = pipe.execute()
+        done, attempts, redriven, finalize_leased, ready, *leases = pipe.execute()
         return ExecutionFacts(
             done={int(x) for x in done},
             leased={i for i, held in enumerate(leases) if held},
             started={int(x) for x in attempts},
             redriven={int(k): float(v) for k, v in redriven.items()},
             finalize_leased=bool(finalize_leased),
+            ready=frozenset(int(x) for x in ready),
         )
 
     def mark_redriven(self, batch_id: str, index: int, now: float) -> None:

@@ -143,7 +143,7 @@ def test_redis_restored_from_an_older_append_only_file(make_stack, tmp_path):
     """Redis comes back missing the seconds in which the batch finished and was cleaned up."""
     receiver = Receiver(free_port())
     stack: Stack = make_stack(appendonly=True, sim_latency_ms=50, chunk_min_requests=40,
-                              chunk_target_count=24, cleanup_delay_s=0.5, webhook_allowed_hosts="127.0.0.1")
+                              cleanup_delay_s=0.5, webhook_allowed_hosts="127.0.0.1")
     providers = tmp_path / "providers.toml"
     providers.write_text(providers_toml(stack.sim_port, receiver.port, max_concurrency=4))
     stack.group.env["BATCHGATE_PROVIDERS_FILE"] = str(providers)

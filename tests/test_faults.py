@@ -17,7 +17,7 @@ pytestmark = pytest.mark.e2e
 N = 1200
 IDS = {f"req-{i}" for i in range(N)}
 # Slow enough that a fault lands mid-batch: 2 processes x 8 in flight at 30 ms is ~500 requests/s at best.
-SLOW = {"sim_latency_ms": 30, "upstream_max_concurrency": 8, "chunk_min_requests": 40, "chunk_target_count": 24}
+SLOW = {"sim_latency_ms": 30, "upstream_max_concurrency": 8, "chunk_min_requests": 40}
 
 
 def progress(batch) -> int:
@@ -130,7 +130,7 @@ def test_cancel_mid_batch(make_stack):
 
 
 def test_shortened_window_expires_mid_batch(make_stack):
-    stack, client, poller = start(make_stack, completion_window_s=4, upstream_max_concurrency=4)
+    stack, client, poller = start(make_stack, completion_window_s=4, upstream_max_concurrency=2)
     final = poller.finish()
     assert final.status == "expired" and final.expired_at is not None
     out, err = assert_exactly_once(client, final, IDS)

@@ -102,8 +102,8 @@ def _record(status: str, *, planned: bool = False, n_chunks: int = 2, expires_at
     return BatchRecord.from_hash("batch_1", f)
 
 
-def _facts(done=(), leased=(), started=(), redriven=None, finalize_leased=False) -> ExecutionFacts:
-    return ExecutionFacts(set(done), set(leased), set(started), redriven or {}, finalize_leased)
+def _facts(done=(), leased=(), started=(), redriven=None, finalize_leased=False, ready=()) -> ExecutionFacts:
+    return ExecutionFacts(set(done), set(leased), set(started), redriven or {}, finalize_leased, frozenset(ready))
 
 
 def kinds(actions) -> list[tuple]:
@@ -111,53 +111,57 @@ def kinds(actions) -> list[tuple]:
 
 
 def test_validating_without_a_plan_is_orchestrated_again_once_stale():
-    assert recover(_record("validating"), None, 1002, T, True) == []
-    assert kinds(recover(_record("validating"), None, 1004, T, True)) == [("orchestrate", (), None)]
+    assert recover(_record("validating"), None, 1002, T) == []
+    assert kinds(recover(_record("validating"), None, 1004, T)) == [("orchestrate", (), None)]
     sent = _record("validating", orchestrate_sent_at=1003)
-    assert recover(sent, None, 1004, T, True) == []
+    assert recover(sent, None, 1004, T) == []
 
 
 def test_validating_past_its_window_expires():
-    assert kinds(recover(_record("validating", expires_at=1001), None, 1002, T, True)) == [("expire", (), None)]
+    assert kinds(recover(_record("validating", expires_at=1001), None, 1002, T)) == [("expire", (), None)]
 
 
 def test_validating_with_a_saved_plan_moves_on():
     record = _record("validating", planned=True)
-    assert recover(record, _facts(), 1002, T, True) == []
-    assert kinds(recover(record, _facts(), 1004, T, True)) == [("start", (), None)]
+    assert recover(record, _facts(), 1002, T) == []
+    assert kinds(recover(record, _facts(), 1004, T)) == [("start", (), None)]
 
 
-def test_in_progress_redrives_lost_chunks_but_not_leased_or_queued_ones():
+def test_in_progress_releases_lost_chunks_again_but_not_leased_or_waiting_ones():
     record = _record("in_progress", planned=True, n_chunks=4)
-    facts = _facts(done={0}, leased={1}, started={2})
-    assert kinds(recover(record, facts, 1004, T, queue_idle=False)) == [("redrive_chunks", (2,), None)]
-    assert kinds(recover(record, facts, 1004, T, queue_idle=True)) == [("redrive_chunks", (2, 3), None)]
-    assert recover(record, _facts(done={0}, leased={1}, started={2}, redriven={2: 1003, 3: 1003}), 1004, T, True) == []
+    assert kinds(recover(record, _facts(done={0}, leased={1}, started={2}, ready={3}), 1004, T)) == \
+        [("redrive_chunks", (2,), None)]
+    # Taken but never started (the process died between the take and the lease): lost too.
+    assert kinds(recover(record, _facts(done={0}, leased={1}, started={2}), 1004, T)) == \
+        [("redrive_chunks", (2, 3), None)]
+    # Not before a run could have begun.
+    assert recover(record, _facts(done={0}, leased={1}), 1002, T) == []
+    assert recover(record, _facts(done={0}, leased={1}, started={2}, redriven={2: 1003, 3: 1003}), 1004, T) == []
 
 
 def test_in_progress_with_every_chunk_done_is_finalized_unless_a_finalize_holds_the_lease():
     record = _record("in_progress", planned=True)
-    assert kinds(recover(record, _facts(done={0, 1}), 1004, T, True)) == [("finalize", (), None)]
-    assert recover(record, _facts(done={0, 1}, finalize_leased=True), 1004, T, True) == []
+    assert kinds(recover(record, _facts(done={0, 1}), 1004, T)) == [("finalize", (), None)]
+    assert recover(record, _facts(done={0, 1}, finalize_leased=True), 1004, T) == []
 
 
 def test_in_progress_past_its_window_stops_and_closes_the_chunks_no_run_holds():
     record = _record("in_progress", planned=True, n_chunks=3, expires_at=1001)
-    actions = kinds(recover(record, _facts(done={0}, leased={1}), 1002, T, True))
+    actions = kinds(recover(record, _facts(done={0}, leased={1}), 1002, T))
     assert actions == [("stop", (), "expired"), ("close_chunks", (2,), "expired")]
 
 
 def test_cancelling_without_a_plan_ends_cancelled_and_with_one_closes_its_chunks():
-    assert kinds(recover(_record("cancelling"), None, 1001, T, True)) == [("end_cancelled", (), None)]
+    assert kinds(recover(_record("cancelling"), None, 1001, T)) == [("end_cancelled", (), None)]
     record = _record("cancelling", planned=True)
-    assert kinds(recover(record, _facts(done={0}), 1001, T, False)) == [("close_chunks", (1,), "cancelled")]
+    assert kinds(recover(record, _facts(done={0}), 1001, T)) == [("close_chunks", (1,), "cancelled")]
 
 
 def test_finalizing_is_finalized_again_once_its_lease_lapsed():
     record = _record("finalizing", planned=True)
-    assert recover(record, _facts(done={0, 1}, finalize_leased=True), 1004, T, True) == []
-    assert kinds(recover(record, _facts(done={0, 1}), 1004, T, True)) == [("finalize", (), None)]
-    assert recover(_record("finalizing", planned=True, finalize_sent_at=1003), _facts(done={0, 1}), 1004, T, True) == []
+    assert recover(record, _facts(done={0, 1}, finalize_leased=True), 1004, T) == []
+    assert kinds(recover(record, _facts(done={0, 1}), 1004, T)) == [("finalize", (), None)]
+    assert recover(_record("finalizing", planned=True, finalize_sent_at=1003), _facts(done={0, 1}), 1004, T) == []
 
 
 # ---- finalize ------------------------------------------------------------------------------------------------------

@@ -69,7 +69,7 @@ def test_batch_with_output_and_error_files_on_s3(make_stack, s3_endpoint):
 def test_two_worker_hosts_share_one_batch_exactly_once(make_stack, s3_endpoint, tmp_path):
     env = s3_settings(s3_endpoint)
     bucket_store(env)
-    dep: Stack = make_stack(sim_latency_ms=20, chunk_max_requests=100, chunk_target_count=20)
+    dep: Stack = make_stack(sim_latency_ms=20, chunk_max_requests=100)
     dep.group.env.update(env)
     dep.start_redis()
     dep.start_simulator()

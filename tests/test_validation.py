@@ -30,28 +30,28 @@ def test_bom_crlf_and_blank_lines_are_tolerated_and_line_numbers_are_physical():
 def test_chunks_cover_every_request_once():
     data = b"".join(line(str(i)) for i in range(103))
     scan = scan_input(io.BytesIO(data), EP, max_lines=1000)
-    size = chunk_size_for(scan.total, target_chunks=4, minimum=10, maximum=500)
+    size = chunk_size_for(scan.total, minimum=10, maximum=500, concurrency=13, waves=2)
     chunks = plan_chunks(scan, size)
     ids = [o.custom_id for c in chunks for _, o in iter_chunk_lines(data[c.start:c.end], c.first_line)]
     assert ids == [str(i) for i in range(103)]
     assert sum(c.n_lines for c in chunks) == 103 and len(chunks) == 4
 
 
-def test_chunk_size_spreads_the_batch_evenly():
-    # 10 waves of 128 senders asks for 1,280; 20,000 requests then make 16 chunks of 1,250, not 15 full and one short.
-    assert chunk_size_for(20_000, target_chunks=16, minimum=50, maximum=2000, concurrency=128, waves=10) == 1250
-    assert chunk_size_for(100, target_chunks=16, minimum=50, maximum=2000, concurrency=64, waves=10) == 100
-    assert chunk_size_for(4001, target_chunks=2, minimum=50, maximum=2000) == 1334
-    assert chunk_size_for(0, target_chunks=16, minimum=50, maximum=2000) == 1
+def test_chunk_size_is_a_few_waves_of_a_process_spread_evenly():
+    # 4 waves of 64 senders asks for 256; 20,000 requests then make 79 chunks of 254, not 78 full and one short.
+    assert chunk_size_for(20_000, minimum=50, maximum=2000, concurrency=64, waves=4) == 254
+    assert chunk_size_for(100, minimum=50, maximum=2000, concurrency=64, waves=4) == 100
+    assert chunk_size_for(4001, minimum=50, maximum=2000, concurrency=1000, waves=4) == 1334
+    assert chunk_size_for(0, minimum=50, maximum=2000) == 1
+    assert chunk_size_for(1000, minimum=300, maximum=2000, concurrency=8, waves=4) == 250  # 4 equal chunks
 
 
-def test_chunk_count_is_whole_rounds_of_the_pool():
-    # 8,000 requests in chunks of at least 640 make 13 chunks; two processes get 14 (7 each), four get 16.
-    sizes = {p: chunk_size_for(8000, target_chunks=16, minimum=50, maximum=2000, concurrency=64, waves=10, processes=p)
-             for p in (0, 1, 2, 4)}
-    assert sizes == {0: 616, 1: 616, 2: 572, 4: 500}
-    # Rounding never makes chunks smaller than the minimum.
-    assert chunk_size_for(120, target_chunks=16, minimum=50, maximum=2000, concurrency=8, waves=10, processes=4) == 60
+def test_a_small_batch_is_cut_for_every_process_of_the_pool():
+    assert chunk_size_for(300, minimum=50, maximum=2000, concurrency=64, waves=4, processes=2) == 150
+    assert chunk_size_for(300, minimum=50, maximum=2000, concurrency=64, waves=4, processes=6) == 50
+    # Never below the minimum.
+    assert chunk_size_for(120, minimum=50, maximum=2000, concurrency=8, waves=10, processes=4) == 60
+    assert chunk_size_for(60, minimum=50, maximum=2000, concurrency=8, waves=10, processes=4) == 60
 
 
 def test_first_hundred_errors_are_reported_with_lines():

@@ -22,6 +22,7 @@ from shared.queue import (
     FINALIZE,
     ORCHESTRATE,
     RUN_CHUNK,
+    RUN_WORK,
     SWEEP,
     transport_options,
 )
@@ -94,6 +95,7 @@ def make_app() -> Celery:
             SWEEP: {"queue": CONTROL_QUEUE},
             DELIVER_WEBHOOK: {"queue": CONTROL_QUEUE},
             RUN_CHUNK: {"queue": CHUNKS_QUEUE},
+            RUN_WORK: {"queue": CHUNKS_QUEUE},
         },
         worker_max_tasks_per_child=1000,
         worker_hijack_root_logger=False,

@@ -13,6 +13,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Callable
 
 from shared import lines as wire
 from shared.blobs import BlobNotFound
@@ -166,8 +167,14 @@ async def _heartbeat(rt: Runtime, batch_id: str, writer: SegmentWriter, state: R
 
 
 async def send_requests(rt: Runtime, provider: Provider, record: BatchRecord,
-                        requests: list[tuple[int, int, InputLine]], writer: SegmentWriter) -> None:
-    """Send requests through `max_concurrency` senders pulling from one queue; every one ends as a line."""
+                        requests: list[tuple[int, int, InputLine]], writer: SegmentWriter,
+                        on_drained: Callable[[], None] = lambda: None) -> None:
+    """Send requests through up to `max_concurrency` senders pulling from one queue; every one ends as a line.
+
+    The senders share the process's slots for the provider with every other chunk the process runs, so a chunk
+    started while this one's last wave is in flight fills each slot as it frees. `on_drained` is called once every
+    request has been taken by a sender.
+    """
     settings = rt.settings
     batch_id = record.id
     state = RunState(stop=rt.store.stop_reason(batch_id))
@@ -175,7 +182,13 @@ async def send_requests(rt: Runtime, provider: Provider, record: BatchRecord,
                             limiter=rt.limiter(provider))
     url = provider.url_for(record.spec.endpoint)
     durable_every = settings.durable_every_lines or provider.max_concurrency
-    queue = iter(requests)
+    slots = rt.slots(provider)
+
+    def pull():
+        yield from requests
+        on_drained()
+
+    queue = pull()
 
     def stopped() -> bool:
         return state.stop is not None
@@ -187,7 +200,8 @@ async def send_requests(rt: Runtime, provider: Provider, record: BatchRecord,
             if state.stop:
                 writer.add(pos, wire.error_line(batch_id, line_no, request.custom_id, *STOP_ERRORS[state.stop]))
             else:
-                outcome = await caller.send(url, bytes(request.body), should_stop=stopped)
+                async with slots:
+                    outcome = await caller.send(url, bytes(request.body), should_stop=stopped)
                 if outcome.status_code is None:
                     line = wire.error_line(batch_id, line_no, request.custom_id,
                                            outcome.error_code or "request_failed", outcome.error_message or "")
@@ -200,6 +214,8 @@ async def send_requests(rt: Runtime, provider: Provider, record: BatchRecord,
 
     heartbeat = asyncio.create_task(_heartbeat(rt, batch_id, writer, state, caller))
     state.senders = [asyncio.create_task(sender()) for _ in range(min(provider.max_concurrency, len(requests)))]
+    if not state.senders:
+        on_drained()
     try:
         if state.senders:
             _, pending = await asyncio.wait(state.senders, timeout=settings.chunk_time_limit_s * 0.9)
@@ -225,24 +241,37 @@ def _close_all(writer: SegmentWriter, batch_id: str, requests: list[tuple[int, i
         writer.add(pos, wire.error_line(batch_id, line_no, request.custom_id, code, message))
 
 
-def run_chunk(rt: Runtime, batch_id: str, index: int, node: str = "", close: str | None = None) -> bool:
-    """Run chunk `index` of a batch. Returns True when this run's commit completed the batch's last chunk.
+@dataclass
+class ChunkRun:
+    """A run of one chunk that holds its lease: the requests still to end as lines, and how they end."""
 
-    With `close` ("cancelled" or "expired") nothing is sent: every line not yet durable gets that reason's error.
-    `node` names the worker that ran it; it is kept with the chunk's commit for operators (and the tests).
-    """
+    record: BatchRecord
+    index: int
+    token: str
+    started: float
+    attempt: int
+    earlier: list[Segment]
+    resumed: int
+    requests: list[tuple[int, int, InputLine]]
+    writer: SegmentWriter
+    close: tuple[str, str] | None  # the error every line gets instead of being sent
+    provider: Provider | None
+
+
+def begin_chunk(rt: Runtime, batch_id: str, index: int, close: str | None = None) -> ChunkRun | None:
+    """Take the chunk's lease and read what is left of it. None when there is nothing to run; raises LeaseHeld."""
     store = rt.store
     record = store.batch_record(batch_id)
     if record is None or record.state.terminal or not record.state.planned:
-        return False
+        return None
     spec = store.chunk(batch_id, index)
     if spec is None or index in store.done_chunks(batch_id):
-        return False
+        return None
     token = uuid.uuid4().hex[:16]
     started = time.time()
     if not store.acquire_lease(batch_id, index, token, rt.settings.chunk_lease_s):
         if close:
-            return False
+            return None
         raise LeaseHeld(rt.settings.chunk_lease_s / 2)
     try:
         attempt = 0 if close else store.chunk_attempt(batch_id, index)
@@ -257,35 +286,88 @@ def run_chunk(rt: Runtime, batch_id: str, index: int, node: str = "", close: str
             rt.lifecycle.end(record, "lose", time.time(), Ending(errors=[{
                 "code": "input_lost", "line": None, "param": None,
                 "message": "The batch's input file is no longer in storage; upload it again and create a new batch."}]))
-            return False
+            store.release_lease(batch_id, index, token)
+            return None
         requests = [(pos, line_no, request)
                     for pos, (line_no, request) in enumerate(iter_chunk_lines(data, spec.first_line))
                     if pos not in finished]
         del data
-        writer = SegmentWriter(rt, batch_id, index, token)
-        if close:
-            _close_all(writer, batch_id, requests, *STOP_ERRORS[close])
-        elif attempt > rt.settings.chunk_max_attempts:
-            log.error("%s chunk %d failed %d times; writing error lines", batch_id, index, attempt - 1)
-            _close_all(writer, batch_id, requests, *GAVE_UP)
-        else:
-            provider = rt.providers.get(record.state.provider or "") or rt.providers.for_model(record.state.model)
-            rt.run(send_requests(rt, provider, record, requests, writer))
-        writer.flush()
-        segments = earlier + writer.segments
+    except BaseException:
+        store.release_lease(batch_id, index, token)
+        raise
+    closing = None
+    provider = None
+    if close:
+        closing = STOP_ERRORS[close]
+    elif attempt > rt.settings.chunk_max_attempts:
+        log.error("%s chunk %d failed %d times; writing error lines", batch_id, index, attempt - 1)
+        closing = GAVE_UP
+    else:
+        provider = rt.providers.get(record.state.provider or "") or rt.providers.for_model(record.state.model)
+    return ChunkRun(record, index, token, started, attempt, earlier, len(finished), requests,
+                    SegmentWriter(rt, batch_id, index, token), closing, provider)
+
+
+def end_chunk(rt: Runtime, run: ChunkRun, node: str) -> bool:
+    """Make the run's last lines durable and commit the chunk. True when this commit completed the batch."""
+    batch_id, index, token = run.record.id, run.index, run.token
+    try:
+        run.writer.flush()
+        segments = run.earlier + run.writer.segments
         usage = Usage()
         for segment in segments:
             usage.merge(segment.usage)
         commit = ChunkCommit(
             completed=sum(s.out for s in segments), failed=sum(s.err for s in segments), usage=usage.as_list(),
             segments=segments,
-            extra={"run": token, "attempt": attempt, "node": node, "started": round(started, 3),
-                   "finished": round(time.time(), 3), "resumed": len(finished)},
+            extra={"run": token, "attempt": run.attempt, "node": node, "started": round(run.started, 3),
+                   "finished": round(time.time(), 3), "resumed": run.resumed},
         )
-        committed, all_done = store.commit_chunk(batch_id, index, token, commit, record.state.n_chunks or 0)
+        committed, all_done = rt.store.commit_chunk(batch_id, index, token, commit, run.record.state.n_chunks or 0)
         return committed and all_done
     except SegmentRejected:
         log.warning("%s chunk %d: lease lost; another run carries on from the durable lines", batch_id, index)
         return False
     finally:
-        store.release_lease(batch_id, index, token)
+        rt.store.release_lease(batch_id, index, token)
+
+
+async def run_chunk_async(rt: Runtime, batch_id: str, index: int, node: str = "",
+                          on_drained: Callable[[], None] = lambda: None) -> bool:
+    """Run chunk `index` inside the process's event loop, beside other chunks. True when it completed the batch.
+
+    `on_drained` is called as soon as every request of the chunk is in a sender's hands (or there is none).
+    """
+    try:
+        run = begin_chunk(rt, batch_id, index)
+    except BaseException:
+        on_drained()
+        raise
+    if run is None:
+        on_drained()
+        return False
+    try:
+        if run.close is not None:
+            _close_all(run.writer, batch_id, run.requests, *run.close)
+            on_drained()
+        else:
+            await send_requests(rt, run.provider, run.record, run.requests, run.writer, on_drained)
+    except BaseException:
+        rt.store.release_lease(batch_id, index, run.token)
+        raise
+    return end_chunk(rt, run, node)
+
+
+def run_chunk(rt: Runtime, batch_id: str, index: int, node: str = "", close: str | None = None) -> bool:
+    """Run chunk `index` of a batch on its own. Returns True when this run's commit completed the batch's last chunk.
+
+    With `close` ("cancelled" or "expired") nothing is sent: every line not yet durable gets that reason's error.
+    `node` names the worker that ran it; it is kept with the chunk's commit for operators (and the tests).
+    """
+    if close is None:
+        return rt.run(run_chunk_async(rt, batch_id, index, node))
+    run = begin_chunk(rt, batch_id, index, close)
+    if run is None:
+        return False
+    _close_all(run.writer, batch_id, run.requests, *run.close)
+    return end_chunk(rt, run, node)

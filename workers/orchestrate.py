@@ -77,7 +77,6 @@ def orchestrate(rt: Runtime, batch_id: str) -> list[int]:
         return []
     size_per_chunk = chunk_size_for(
         scan.total,
-        target_chunks=settings.chunk_target_count,
         minimum=settings.chunk_min_requests,
         maximum=settings.chunk_max_requests,
         concurrency=provider.max_concurrency,

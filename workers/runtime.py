@@ -41,6 +41,7 @@ class Runtime:
         self._sessions: dict[str, aiohttp.ClientSession] = {}
         self._limiters: dict[str, ProviderLimiter] = {}
         self._limiter_store: LimiterStore | None = None
+        self._slots: dict[str, asyncio.Semaphore] = {}
 
     def warm_up(self) -> None:
         try:
@@ -55,6 +56,13 @@ class Runtime:
             session = aiohttp.ClientSession(connector=connector, json_serialize=None, raise_for_status=False)
             self._sessions[provider.name] = session
         return session
+
+    def slots(self, provider: Provider) -> asyncio.Semaphore:
+        """The process's `max_concurrency` request slots for a provider, shared by every chunk it runs at once."""
+        slots = self._slots.get(provider.name)
+        if slots is None:
+            slots = self._slots[provider.name] = asyncio.Semaphore(provider.max_concurrency)
+        return slots
 
     def limiter(self, provider: Provider) -> ProviderLimiter | None:
         """The provider's shared limiter, or None when it has no limits (then nothing is spent on one)."""

@@ -40,6 +40,7 @@ class Dispatch:
     chunk: Callable[[str, int], None]
     finalize: Callable[[str], None]
     webhook: Callable[[str], None] = lambda event_id: None
+    tickets: Callable[[int], None] = lambda n: None
 
 
 def sweep(rt: Runtime, dispatch: Dispatch) -> Repairs | None:
@@ -54,9 +55,13 @@ def sweep(rt: Runtime, dispatch: Dispatch) -> Repairs | None:
         timing = Timing(redrive_after_s=settings.redrive_after_s)
         for batch_id in store.active_batch_ids():
             try:
-                _sweep_batch(rt, batch_id, now, timing, queue_idle, dispatch, repairs)
+                _sweep_batch(rt, batch_id, now, timing, dispatch, repairs)
             except Exception:  # noqa: BLE001 - one batch's trouble must not stop the others' recovery
                 log.exception("sweeping %s failed", batch_id)
+        if store.tenants_with_work() and queue_idle:
+            # Chunks are waiting and no ticket is: the messages that would run them were lost.
+            dispatch.tickets(max(1, store.pool_processes()))
+            repairs.actions.append(("", "tickets"))
         for batch_id in store.due_cleanups(now):
             clean_up(rt, batch_id)
             repairs.cleaned.append(batch_id)
@@ -79,7 +84,7 @@ def sweep(rt: Runtime, dispatch: Dispatch) -> Repairs | None:
     return repairs
 
 
-def _sweep_batch(rt: Runtime, batch_id: str, now: float, timing: Timing, queue_idle: bool, dispatch: Dispatch,
+def _sweep_batch(rt: Runtime, batch_id: str, now: float, timing: Timing, dispatch: Dispatch,
                  repairs: Repairs) -> None:
     store = rt.store
     record = store.batch_record(batch_id)
@@ -90,7 +95,7 @@ def _sweep_batch(rt: Runtime, batch_id: str, now: float, timing: Timing, queue_i
         store.forget_active(batch_id)
         return
     facts = store.execution_facts(batch_id, record.state.n_chunks or 0) if record.state.planned else None
-    for action in recover(record, facts, now, timing, queue_idle):
+    for action in recover(record, facts, now, timing):
         _carry_out(rt, record, action, now, dispatch, repairs)
 
 

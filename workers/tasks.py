@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from celery import chord, group
-
+from shared.settings import get_settings
 from shared.queue import (
     CHUNKS_QUEUE,
     CONTROL_QUEUE,
@@ -13,17 +12,28 @@ from shared.queue import (
     FINALIZE,
     ORCHESTRATE,
     RUN_CHUNK,
+    RUN_WORK,
     SWEEP,
 )
-from workers import chunk, finalize, orchestrate, sweeper, webhooks
+from workers import chunk, finalize, orchestrate, runner, sweeper, webhooks
 from workers.celery_app import app
 from workers.runtime import get_runtime
 
 log = logging.getLogger("batchgate.tasks")
 
 
-def send_chunk(batch_id: str, index: int) -> None:
-    run_chunk_task.apply_async(args=[batch_id, index], queue=CHUNKS_QUEUE)
+def send_tickets(n: int) -> None:
+    for _ in range(n):
+        run_work_task.apply_async(queue=CHUNKS_QUEUE)
+
+
+def release_chunk(batch_id: str, index: int) -> None:
+    """Release a chunk whose run was lost to the scheduler again, and wake a process for it."""
+    rt = get_runtime()
+    record = rt.store.batch_record(batch_id)
+    if record is not None:
+        runner.release(rt, record, [index])
+        send_tickets(1)
 
 
 def send_finalize(batch_id: str) -> None:
@@ -58,13 +68,30 @@ def orchestrate_task(batch_id: str) -> None:
         if record is not None and record.state.terminal:
             _send_event(batch_id, record.state.status)
         return
-    # The chord is the fast path to finalize; the last chunk to commit and the sweeper are the others.
-    header = group(run_chunk_task.si(batch_id, i).set(queue=CHUNKS_QUEUE) for i in indexes)
-    chord(header)(finalize_task.si(batch_id).set(queue=CONTROL_QUEUE))
+    # Finalize is sent by the run that commits the last chunk, or else by the sweeper.
+    record = rt.store.batch_record(batch_id)
+    if record is not None:
+        runner.release(rt, record, indexes)
+        send_tickets(runner.tickets_for(rt, len(indexes)))
+
+
+def _work_time_limit() -> int:
+    settings = get_settings()
+    return int(settings.chunk_time_limit_s + settings.runner_budget_s + 60)
+
+
+@app.task(name=RUN_WORK, bind=True, ignore_result=True, time_limit=_work_time_limit(),
+          soft_time_limit=_work_time_limit() - 10)
+def run_work_task(self) -> None:
+    rt = get_runtime()
+    out_of_time = rt.run(runner.serve(rt, self.request.hostname or "", rt.settings.runner_budget_s, send_finalize))
+    if out_of_time and rt.store.tenants_with_work():
+        send_tickets(1)
 
 
 @app.task(name=RUN_CHUNK, bind=True, max_retries=None)
 def run_chunk_task(self, batch_id: str, index: int) -> int:
+    """A chunk sent on its own (by versions before the scheduler, or by hand)."""
     try:
         finished_batch = chunk.run_chunk(get_runtime(), batch_id, index, node=self.request.hostname or "")
     except chunk.LeaseHeld as held:
@@ -84,7 +111,7 @@ def finalize_task(batch_id: str) -> None:
 
 @app.task(name=SWEEP, ignore_result=True)
 def sweep_task() -> None:
-    sweeper.sweep(get_runtime(), sweeper.Dispatch(send_orchestrate, send_chunk, send_finalize, send_webhook))
+    sweeper.sweep(get_runtime(), sweeper.Dispatch(send_orchestrate, release_chunk, send_finalize, send_webhook, send_tickets))
 
 
 @app.task(name=DELIVER_WEBHOOK, bind=True, ignore_result=True, max_retries=None)

@@ -196,22 +196,20 @@ def scan_input(source: BinaryIO, endpoint: str, *, max_lines: int, max_line_byte
     return result
 
 
-def chunk_size_for(total: int, *, target_chunks: int, minimum: int, maximum: int, concurrency: int = 1,
-                   waves: int = 0, processes: int = 0) -> int:
-    """Requests per chunk: enough chunks to spread the batch, each at least `waves` x the senders of a process.
+def chunk_size_for(total: int, *, minimum: int, maximum: int, concurrency: int = 1, waves: int = 1,
+                   processes: int = 0) -> int:
+    """Requests per chunk: about `waves` x the senders of a process, within [minimum, maximum].
 
-    A chunk's last wave drains with fewer requests in flight than the process could hold, so a chunk of only a few
-    waves wastes a large share of its time; ten waves waste about 5% of it. The batch is then
-    cut into chunks of equal size, their number a multiple of the pool's `processes` when that keeps them big enough.
+    A chunk is the scheduler's unit: a batch released after another waits at most about one chunk's time (`waves`
+    upstream latencies) for a process, however big the other's backlog. A process starts its next chunk while
+    one's last wave is in flight, so short chunks waste no sender. A batch of fewer chunks than the pool has
+    processes is cut into one per process (when each keeps `minimum`), so all of them work on it; chunks are of
+    equal size, so none is left running a short last one alone.
     """
-    size = max(minimum, min(maximum, max(math.ceil(total / max(1, target_chunks)), waves * concurrency)))
+    size = max(minimum, min(maximum, waves * concurrency))
     count = math.ceil(max(1, total) / size)
-    if processes > 1 and count > 1:
-        # Whole rounds of the pool's processes, so none is left running a last chunk while the others idle.
-        rounded = math.ceil(count / processes) * processes
-        if math.ceil(total / rounded) >= minimum:
-            count = rounded
-    # Equal chunks: a short last chunk would leave the processes that drew full ones finishing after the rest.
+    if processes > count and total // processes >= minimum:
+        count = processes
     return max(1, math.ceil(total / count))
 
 

@@ -1,0 +1,58 @@
+"""The scheduler's state in Redis: which released chunk any worker, on any host, runs next.
+
+A planned batch's chunks are *released*: their indexes go on the batch's ready list, the batch joins its tenant's
+round robin and the tenant joins the fair queue. A worker process *takes* one chunk at a time (shared/lua.py
+TAKE_CHUNK says in what order). What was taken and not committed is found by the sweeper (a chunk neither ready,
+leased nor done) and released again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis
+
+from shared import keys, lua
+from shared.lifecycle import TERMINAL
+
+# A batch with less than this share of its completion window left runs before any other of its tenant's batches.
+URGENT_FRACTION = 0.25
+CANDIDATES_PER_TENANT = 64
+
+
+@dataclass(frozen=True)
+class Taken:
+    batch_id: str
+    index: int
+    tenant: str
+
+
+class SchedulerStore:
+    r: redis.Redis
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._release = client.register_script(lua.RELEASE_CHUNKS)
+        self._take = client.register_script(lua.TAKE_CHUNK)
+        self._terminal = "," + ",".join(sorted(TERMINAL)) + ","
+
+    def release_chunks(self, batch_id: str, tenant: str, weight: float, indexes: list[int]) -> None:
+        if not indexes:
+            return
+        self._release(keys=[keys.SCHED_TENANTS, keys.SCHED_STATE, keys.BatchKeys(batch_id).ready,
+                            keys.sched_batches(tenant)],
+                      args=[batch_id, tenant, repr(float(weight)), *(str(i) for i in indexes)])
+
+    def take_chunk(self, now: float) -> Taken | None:
+        got = self._take(keys=[keys.SCHED_TENANTS, keys.SCHED_STATE],
+                         args=[int(now), keys.batch(""), keys.BatchKeys.READY_SUFFIX, keys.BatchKeys.PLAN_SUFFIX,
+                               keys.SCHED_BATCHES_PREFIX, URGENT_FRACTION, self._terminal, CANDIDATES_PER_TENANT])
+        if not got:
+            return None
+        batch_id, index, tenant = got
+        return Taken(batch_id, int(index), tenant)
+
+    def ready_chunks(self, batch_id: str) -> set[int]:
+        return {int(i) for i in self.r.lrange(keys.BatchKeys(batch_id).ready, 0, -1)}
+
+    def tenants_with_work(self) -> int:
+        return int(self.r.zcard(keys.SCHED_TENANTS))

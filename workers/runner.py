@@ -1,0 +1,69 @@
+"""A worker process's runner: take the next chunk from the shared scheduler, run it, and take another while the
+chunk's last wave is still in flight, so no sender slot waits for a chunk to drain.
+
+Celery carries *tickets* (messages without a batch): a ticket starts a runner in a free process, which serves
+chunks in the order the scheduler (shared/store_sched.py) gives until there is none or its time budget is spent.
+Which batch a chunk comes from is decided when it is taken, so a small batch released after a big one is served
+at the next take of any process, not after the big one's backlog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable
+
+from shared.lifecycle import BatchRecord
+from workers import chunk
+from workers.runtime import Runtime
+
+log = logging.getLogger("batchgate.runner")
+
+
+def release(rt: Runtime, record: BatchRecord, indexes: list[int]) -> None:
+    """Hand a started batch's chunks to the scheduler."""
+    tenant = record.spec.tenant
+    rt.store.release_chunks(record.id, tenant, rt.providers.weight(tenant), indexes)
+
+
+def tickets_for(rt: Runtime, n_chunks: int) -> int:
+    """How many tickets to send for `n_chunks` newly released chunks: enough to wake every process that could help."""
+    return max(1, min(n_chunks, rt.store.pool_processes() or 1))
+
+
+async def _run_taken(rt: Runtime, batch_id: str, index: int, node: str, drained: asyncio.Event,
+                     finished_batch: Callable[[str], None]) -> None:
+    try:
+        if await chunk.run_chunk_async(rt, batch_id, index, node, on_drained=drained.set):
+            finished_batch(batch_id)
+    except chunk.LeaseHeld:
+        pass  # a live run holds it; if that run dies, the sweeper releases the chunk again
+    except Exception:  # noqa: BLE001 - the sweeper releases a chunk that did not commit
+        log.exception("chunk %d of %s failed; the sweeper will run it again", index, batch_id)
+    finally:
+        drained.set()
+
+
+async def serve(rt: Runtime, node: str, budget_s: float, finished_batch: Callable[[str], None]) -> bool:
+    """Run chunks until none is ready or `budget_s` has passed. True when it stopped for the budget."""
+    deadline = time.monotonic() + budget_s
+    running: set[asyncio.Task] = set()
+    out_of_time = False
+    try:
+        while True:
+            if time.monotonic() >= deadline:
+                out_of_time = True
+                break
+            taken = rt.store.take_chunk(time.time())
+            if taken is None:
+                break
+            drained = asyncio.Event()
+            task = asyncio.create_task(_run_taken(rt, taken.batch_id, taken.index, node, drained, finished_batch))
+            running.add(task)
+            task.add_done_callback(running.discard)
+            await drained.wait()
+    finally:
+        if running:
+            await asyncio.gather(*running, return_exceptions=True)
+    return out_of_time
