@@ -27,7 +27,16 @@ BATCHES_LIST_DEFAULT = 20
 METADATA_MAX_PAIRS = 16
 METADATA_MAX_KEY = 64
 METADATA_MAX_VALUE = 512
-COMPLETION_WINDOWS = ("24h",)
+PRIORITY_LIMIT = 1_000_000
+
+
+def validate_priority(priority: Any) -> int:
+    if priority is None:
+        return 0
+    if isinstance(priority, bool) or not isinstance(priority, int) or abs(priority) > PRIORITY_LIMIT:
+        raise invalid_parameter("priority", f"Invalid 'priority': expected an integer between -{PRIORITY_LIMIT} "
+                                f"and {PRIORITY_LIMIT} (higher runs first among your batches).")
+    return priority
 
 
 def validate_metadata(metadata: Any) -> dict[str, str] | None:
@@ -114,8 +123,12 @@ def create_batch(
         raise missing_parameter("completion_window")
     if window in window_aliases:
         window = "24h"
-    if window not in COMPLETION_WINDOWS:
-        raise invalid_parameter("completion_window", f"Invalid 'completion_window': {str(window)[:64]!r}. Supported: '24h'.")
+    windows = settings.window_seconds()
+    if not isinstance(window, str) or window not in windows:
+        supported = ", ".join(f"'{name}'" for name in windows)
+        raise invalid_parameter("completion_window",
+                                f"Invalid 'completion_window': {str(window)[:64]!r}. Supported: {supported}.")
+    priority = validate_priority(body.get("priority"))
     metadata = validate_metadata(body.get("metadata"))
     output_ttl = validate_output_expires_after(body.get("output_expires_after"))
 
@@ -138,9 +151,10 @@ def create_batch(
         input_file_id=input_file_id,
         completion_window=window,
         created_at=now,
-        expires_at=now + settings.completion_window_s,
+        expires_at=now + windows[window],
         metadata=metadata,
         output_ttl_s=output_ttl,
+        priority=priority,
     )
     store.put_batch(spec, provider)
     batch = BatchRecord(spec, BatchState(status=VALIDATING, updated_at=now)).to_batch(0, 0)

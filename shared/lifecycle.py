@@ -24,7 +24,10 @@ if TYPE_CHECKING:  # the store imports this module for the record type
 
 VALIDATING, IN_PROGRESS, FINALIZING, CANCELLING = "validating", "in_progress", "finalizing", "cancelling"
 COMPLETED, FAILED, EXPIRED, CANCELLED = "completed", "failed", "expired", "cancelled"
-STATUSES = (VALIDATING, IN_PROGRESS, FINALIZING, CANCELLING, COMPLETED, FAILED, EXPIRED, CANCELLED)
+# Planned, and waiting for room under its tenant's max_enqueued_requests; the API shows it as `validating`.
+QUEUED = "queued"
+STATUSES = (VALIDATING, QUEUED, IN_PROGRESS, FINALIZING, CANCELLING, COMPLETED, FAILED, EXPIRED, CANCELLED)
+WIRE_STATUS = {QUEUED: VALIDATING}
 TERMINAL = frozenset({COMPLETED, FAILED, EXPIRED, CANCELLED})
 ACTIVE = frozenset(STATUSES) - TERMINAL
 
@@ -43,13 +46,14 @@ class Move:
 
 
 MOVES: dict[str, Move] = {m.verb: m for m in (
-    Move("start", (VALIDATING,), IN_PROGRESS, "in_progress_at", "input valid, chunks planned"),
-    Move("fail", (VALIDATING,), FAILED, "failed_at", "input invalid"),
-    Move("cancel", (VALIDATING, IN_PROGRESS), CANCELLING, "cancelling_at", "cancel requested"),
+    Move("queue", (VALIDATING,), QUEUED, "queued_at", "planned; over the tenant's enqueued requests"),
+    Move("start", (VALIDATING, QUEUED), IN_PROGRESS, "in_progress_at", "input valid, chunks planned, admitted"),
+    Move("fail", (VALIDATING,), FAILED, "failed_at", "input invalid, or larger than the tenant's cap"),
+    Move("cancel", (VALIDATING, QUEUED, IN_PROGRESS), CANCELLING, "cancelling_at", "cancel requested"),
     Move("finalize", (IN_PROGRESS,), FINALIZING, "finalizing_at", "every chunk committed"),
     Move("complete", (FINALIZING,), COMPLETED, "completed_at", "files written"),
     Move("end_cancelled", (CANCELLING,), CANCELLED, "cancelled_at", "cancelled lines written"),
-    Move("expire", (VALIDATING, IN_PROGRESS, CANCELLING), EXPIRED, "expired_at", "past expires_at"),
+    Move("expire", (VALIDATING, QUEUED, IN_PROGRESS, CANCELLING), EXPIRED, "expired_at", "past expires_at"),
     Move("lose", (IN_PROGRESS, FINALIZING, CANCELLING), FAILED, "failed_at", "input lost from storage"),
 )}
 
@@ -65,6 +69,7 @@ WEBHOOK_EVENTS = {COMPLETED: "batch.completed", FAILED: "batch.failed", EXPIRED:
 
 TIMESTAMPS = ("in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at", "cancelling_at",
               "cancelled_at")
+KEPT_TIMESTAMPS = (*TIMESTAMPS, "queued_at")  # the batch object shows TIMESTAMPS; queued_at is batchgate's own
 
 # Token counts are summed from what upstreams report; an absurd figure saturates here instead of overflowing the
 # int64 of a Redis counter, or the 2^53 a JavaScript client can hold exactly.
@@ -98,6 +103,7 @@ class BatchSpec:
     expires_at: int
     metadata: dict[str, str] | None = None
     output_ttl_s: int | None = None
+    priority: int = 0  # higher runs first among the tenant's batches
 
     def hash_fields(self) -> dict[str, str]:
         fields = {"tenant": self.tenant, "scope": self.scope, "endpoint": self.endpoint,
@@ -106,6 +112,8 @@ class BatchSpec:
                   "metadata": orjson.dumps(self.metadata).decode()}
         if self.output_ttl_s is not None:
             fields["output_ttl"] = str(self.output_ttl_s)
+        if self.priority:
+            fields["priority"] = str(self.priority)
         return fields
 
 
@@ -130,6 +138,8 @@ class BatchState:
     dispatched_at: float = 0.0
     orchestrate_sent_at: float = 0.0
     finalize_sent_at: float = 0.0
+    admitted: int = 0  # requests counted against the tenant's max_enqueued_requests until the batch ends
+    queued_reason: str | None = None
 
     @property
     def planned(self) -> bool:
@@ -169,32 +179,38 @@ class BatchRecord:
             input_file_id=f["input_file_id"], completion_window=f.get("completion_window") or "24h",
             created_at=int(f["created_at"]), expires_at=int(f.get("expires_at") or 0),
             metadata=_json(f.get("metadata")), output_ttl_s=_int(f.get("output_ttl")),
+            priority=int(f.get("priority") or 0),
         )
         state = BatchState(
             status=f["status"], updated_at=int(f.get("updated_at") or f["created_at"]),
-            timestamps={name: int(f[name]) for name in TIMESTAMPS if f.get(name)},
+            timestamps={name: int(f[name]) for name in KEPT_TIMESTAMPS if f.get(name)},
             provider=f.get("provider") or None, model=f.get("model") or None, total=int(f.get("total") or 0),
             n_chunks=_int(f.get("n_chunks")), stop=f.get("stop") or None,
             completed=_int(f.get("completed")), failed=_int(f.get("failed")), usage=_json(f.get("usage")),
             errors=_json(f.get("errors")), output_file_id=f.get("output_file_id") or None,
             error_file_id=f.get("error_file_id") or None, dispatched_at=_float(f.get("dispatched_at")),
             orchestrate_sent_at=_float(f.get("orchestrate_sent_at")), finalize_sent_at=_float(f.get("finalize_sent_at")),
+            admitted=int(f.get("admitted") or 0), queued_reason=f.get("queued_reason") or None,
         )
         return cls(spec, state)
 
-    def to_batch(self, live_completed: int, live_failed: int) -> Batch:
+    def to_batch(self, live_completed: int, live_failed: int, queue_position: int | None = None) -> Batch:
         """The API's object. Live counts (committed chunks plus durable progress) show until final ones exist."""
         s, st = self.spec, self.state
         completed = st.completed if st.completed is not None else live_completed
         failed = st.failed if st.failed is not None else live_failed
         data: dict[str, Any] = {
             "id": s.id, "endpoint": s.endpoint, "model": st.model, "errors": st.errors,
-            "input_file_id": s.input_file_id, "completion_window": s.completion_window, "status": st.status,
+            "input_file_id": s.input_file_id, "completion_window": s.completion_window,
+            "status": WIRE_STATUS.get(st.status, st.status),
             "output_file_id": st.output_file_id, "error_file_id": st.error_file_id, "created_at": s.created_at,
             "expires_at": s.expires_at or None,
             "request_counts": {"total": st.total, "completed": completed, "failed": failed},
-            "usage": st.usage, "metadata": s.metadata,
+            "usage": st.usage, "metadata": s.metadata, "priority": s.priority,
         }
+        if st.status == QUEUED:
+            data["queued_reason"] = st.queued_reason
+            data["queue_position"] = queue_position
         for name in TIMESTAMPS:
             data[name] = st.timestamps.get(name)
         return Batch.model_validate(data)
@@ -287,6 +303,9 @@ class Lifecycle:
         return Outcome(moved, status)
 
     # One verb per move.
+
+    def queue(self, record: BatchRecord, now: float, reason: str) -> Outcome:
+        return self._move(record.id, "queue", now, {"queued_reason": reason})
 
     def start(self, record: BatchRecord, now: float) -> Outcome:
         return self._move(record.id, "start", now)

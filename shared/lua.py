@@ -4,7 +4,7 @@ from __future__ import annotations
 
 # A move of a batch's status with everything that goes with it (shared/lifecycle.py).
 # KEYS: 1 batch hash, 2 active zset, 3 metric counters, 4 tenant usage hash, 5 usage tenants set, 6 webhook event
-# hash, 7 pending webhooks zset, 8 clean-up outbox zset.
+# hash, 7 pending webhooks zset, 8 clean-up outbox zset, 9 the scheduler's enqueued requests per tenant.
 # ARGV: to, now, timestamp field, terminal (1/0), batch id, n_from, from..., n_fields, (name, value)..., and for a
 # terminal move: tenant, 5 usage figures, completed, failed, event id ("" for none), event type, clean-up time.
 # Returns {1, previous status} when moved, {0, current status} when not.
@@ -47,6 +47,11 @@ if ARGV[4] == '1' then
     redis.call('ZADD', KEYS[7], ARGV[2], event_id)
   end
   redis.call('ZADD', KEYS[8], ARGV[i + 10], batch_id)
+  local admitted = tonumber(redis.call('HGET', KEYS[1], 'admitted') or '0') or 0
+  if admitted > 0 then
+    redis.call('HINCRBY', KEYS[9], tenant, -admitted)
+    redis.call('HSET', KEYS[1], 'admitted', '0')
+  end
 end
 return {1, status}
 """
@@ -234,4 +239,38 @@ for _ = 1, 32 do
   end
 end
 return false
+"""
+
+# Admit a tenant's waiting batches, first come first served, while they fit under its cap of enqueued requests.
+# KEYS: 1 enqueued requests hash, 2 the tenant's waiting zset.
+# ARGV: tenant, cap, batch record prefix, batch id asking to start ("" for none), its place in line, statuses that
+# may wait (",a,b,").
+# A batch asking joins the line; every batch admitted has `admitted` set to its total (given back by its terminal
+# move). Returns the ids admitted (or already admitted, for the one asking).
+ADMIT = """
+local out = {}
+if ARGV[4] ~= '' then
+  local admitted = tonumber(redis.call('HGET', ARGV[3] .. ARGV[4], 'admitted') or '0') or 0
+  if admitted > 0 then return {ARGV[4]} end
+  redis.call('ZADD', KEYS[2], 'NX', ARGV[5], ARGV[4])
+end
+local cap = tonumber(ARGV[2])
+for _ = 1, 1000 do
+  local head = redis.call('ZRANGE', KEYS[2], 0, 0)
+  if #head == 0 then break end
+  local rec = ARGV[3] .. head[1]
+  local status = redis.call('HGET', rec, 'status')
+  if (not status) or not string.find(ARGV[6], ',' .. status .. ',', 1, true) then
+    redis.call('ZREM', KEYS[2], head[1])
+  else
+    local total = tonumber(redis.call('HGET', rec, 'total') or '0') or 0
+    local used = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0') or 0
+    if used + total > cap then break end
+    redis.call('HINCRBY', KEYS[1], ARGV[1], total)
+    redis.call('HSET', rec, 'admitted', total)
+    redis.call('ZREM', KEYS[2], head[1])
+    out[#out + 1] = head[1]
+  end
+end
+return out
 """

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shared.lifecycle import CANCELLING, FINALIZING, IN_PROGRESS, VALIDATING, BatchRecord
+from shared.lifecycle import CANCELLING, FINALIZING, IN_PROGRESS, QUEUED, VALIDATING, BatchRecord
 from shared.store_exec import ExecutionFacts
 
 
@@ -28,7 +28,8 @@ class Action:
 ACTIONS = {
     "orchestrate": "send the batch's orchestrate message again",
     "start": "move a planned `validating` batch on to `in_progress` and send its chunks",
-    "expire": "end an unplanned batch `expired`",
+    "expire": "end an unplanned (or still waiting) batch `expired`",
+    "admit": "let in the batches waiting in the tenant's line that now fit under its cap, and start them",
     "end_cancelled": "end an unplanned `cancelling` batch `cancelled`",
     "stop": "tell the batch's chunks to stop sending (reason: expired)",
     "close_chunks": "write the stop reason's error lines for chunks no run holds, and commit them",
@@ -53,6 +54,19 @@ def recover_validating(record: BatchRecord, facts: ExecutionFacts | None, now: f
     if _since(now, st.dispatched_at) > t.redrive_after_s:
         return [Action("start")]
     return []
+
+
+def recover_queued(record: BatchRecord, now: float, t: Timing) -> list[Action]:
+    """Waiting for room under its tenant's cap: never started early, only when the line lets it in."""
+    st = record.state
+    if now >= record.spec.expires_at:
+        return [Action("expire")]
+    if st.admitted:
+        # Let in, but the run that did so died before starting it.
+        if _since(now, st.updated_at, st.orchestrate_sent_at) > t.redrive_after_s:
+            return [Action("start")]
+        return []
+    return [Action("admit")]
 
 
 def _running(record: BatchRecord, facts: ExecutionFacts, now: float, t: Timing, stop: str | None) -> list[Action]:
@@ -106,6 +120,8 @@ def recover(record: BatchRecord, facts: ExecutionFacts | None, now: float, t: Ti
     status = record.state.status
     if status == VALIDATING:
         return recover_validating(record, facts, now, t)
+    if status == QUEUED:
+        return recover_queued(record, now, t)
     if status == CANCELLING:
         return recover_cancelling(record, facts, now, t)
     if facts is None:

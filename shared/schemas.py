@@ -112,6 +112,10 @@ class Batch(WireModel):
     request_counts: BatchRequestCounts = Field(default_factory=BatchRequestCounts)
     usage: BatchUsage | None = None
     metadata: dict[str, str] | None = None
+    # Extensions the SDKs keep as extra fields (pass `priority` with `extra_body`).
+    priority: int = 0
+    queued_reason: str | None = None  # why a `validating` batch waits: its tenant's max_enqueued_requests
+    queue_position: int | None = None  # its place among the tenant's waiting batches, from 1
 
 
 class ListPage(WireModel, Generic[T]):
@@ -130,6 +134,7 @@ class BatchCreateRequest(WireModel):
     completion_window: Any = None
     metadata: Any = None
     output_expires_after: Any = None
+    priority: Any = None
 
 
 class ErrorDetail(WireModel):

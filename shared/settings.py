@@ -14,6 +14,20 @@ DEV_TENANT = "dev"
 # to spare, and so does an image or two; embeddings of more than 256 inputs per request (1536 dimensions as floats)
 # do not (README "Upstream answer sizes"). With 64 senders a worker holds at most 512 MiB of answers.
 DEFAULT_MAX_RESPONSE_BYTES = 8 * 1024 * 1024
+WINDOW_UNITS = {"m": 60, "h": 3600, "d": 86400}
+
+
+def parse_windows(text: str) -> dict[str, int]:
+    """'1h,24h,7d' -> each window's length in seconds; 24h is always among them."""
+    windows: dict[str, int] = {}
+    for name in ["24h", *(w.strip() for w in text.split(","))]:
+        if not name:
+            continue
+        number, unit = name[:-1], name[-1:]
+        if unit not in WINDOW_UNITS or not number.isdigit() or int(number) <= 0:
+            raise ValueError(f"{name!r} is not a completion window like 1h, 24h or 7d")
+        windows[name] = int(number) * WINDOW_UNITS[unit]
+    return dict(sorted(windows.items(), key=lambda item: item[1]))
 
 
 class Settings(BaseSettings):
@@ -60,7 +74,10 @@ class Settings(BaseSettings):
     batch_file_default_ttl_s: int = 30 * 86400
 
     # Batches.
-    completion_window_s: int = 86400
+    completion_windows: str = Field(default="1h,24h,48h,7d", description="the completion windows a batch may ask "
+                                    "for (24h always); a number with m, h or d")
+    completion_window_s: int = Field(default=86400, gt=0, description="how long a 24h window lasts: a test and "
+                                     "development override that shortens every window in proportion")
     max_batch_lines: int = 50_000
     max_batch_input_bytes: int = 200 * 1024 * 1024
     max_line_bytes: int = Field(default=8 * 1024 * 1024, description="the largest one request line may be")
@@ -114,6 +131,17 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: object) -> object:
         # docker compose passes `${VAR:-}` through as an empty string.
         return None if value == "" else value
+
+    @field_validator("completion_windows")
+    @classmethod
+    def _windows_parse(cls, value: str) -> str:
+        parse_windows(value)
+        return value
+
+    def window_seconds(self) -> dict[str, int]:
+        """The windows a batch may ask for, shortest first, each scaled by `completion_window_s` / 24 h."""
+        scale = self.completion_window_s / 86400
+        return {name: max(1, round(seconds * scale)) for name, seconds in parse_windows(self.completion_windows).items()}
 
     @property
     def celery_broker_url(self) -> str:

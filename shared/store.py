@@ -16,7 +16,7 @@ import redis
 
 from shared import keys, lua
 from shared.store_client import client_options
-from shared.lifecycle import BatchRecord, BatchSpec, Effects, Move
+from shared.lifecycle import QUEUED, BatchRecord, BatchSpec, Effects, Move
 from shared.schemas import Batch, FileObject
 from shared.store_exec import ExecutionStore
 from shared.store_ops import OpsStore
@@ -148,7 +148,10 @@ class Store(ExecutionStore, OpsStore, SchedulerStore):
         """The batches, None for each that does not exist (or, given `scope`, lies outside it); one round trip."""
         pipe = self.r.pipeline(transaction=False)
         queue_batch_reads(pipe, batch_ids)
-        return decode_batch_reads(batch_ids, pipe.execute(), scope)
+        views = decode_batch_reads(batch_ids, pipe.execute(), scope)
+        pipe = self.r.pipeline(transaction=False)
+        waiting = queue_position_reads(pipe, views)
+        return build_batches(views, waiting, pipe.execute() if waiting else [])
 
     def list_batch_ids(self, scope: str, limit: int, after: str | None) -> Page:
         return self._page(keys.batches_index(scope), limit, after, descending=True)
@@ -170,7 +173,8 @@ class Store(ExecutionStore, OpsStore, SchedulerStore):
                      f"{effects.cleanup_at:.3f}"]
         moved, status = self._apply_move(
             keys=[keys.batch(batch_id), keys.ACTIVE_BATCHES, keys.METRIC_COUNTERS, keys.usage(tenant),
-                  keys.USAGE_TENANTS, keys.webhook_event(event), keys.WEBHOOKS_PENDING, keys.CLEANUP_OUTBOX],
+                  keys.USAGE_TENANTS, keys.webhook_event(event), keys.WEBHOOKS_PENDING, keys.CLEANUP_OUTBOX,
+                  keys.SCHED_ENQUEUED],
             args=argv,
         )
         return bool(moved), status
@@ -217,8 +221,21 @@ def queue_batch_reads(pipe, batch_ids: list[str]) -> None:
         pipe.hvals(bk.progress)
 
 
-def decode_batch_reads(batch_ids: list[str], raw: list, scope: str | None = None) -> list[Batch | None]:
-    out: list[Batch | None] = []
+@dataclass(frozen=True)
+class BatchView:
+    """A batch's record with its live counts, as read for the API."""
+
+    record: BatchRecord
+    completed: int
+    failed: int
+
+    @property
+    def waiting(self) -> bool:
+        return self.record.state.status == QUEUED
+
+
+def decode_batch_reads(batch_ids: list[str], raw: list, scope: str | None = None) -> list[BatchView | None]:
+    out: list[BatchView | None] = []
     for i, batch_id in enumerate(batch_ids):
         fields, committed, progress = raw[3 * i : 3 * i + 3]
         visible = bool(fields) and (scope is None or fields.get("scope") == scope)
@@ -226,8 +243,22 @@ def decode_batch_reads(batch_ids: list[str], raw: list, scope: str | None = None
             out.append(None)
             continue
         completed, failed = live_counts(committed, progress)
-        out.append(BatchRecord.from_hash(batch_id, fields).to_batch(completed, failed))
+        out.append(BatchView(BatchRecord.from_hash(batch_id, fields), completed, failed))
     return out
+
+
+def queue_position_reads(pipe, views: list[BatchView | None]) -> list[BatchView]:
+    """Queue the reads of each waiting batch's place in line; returns the views they are for, in order."""
+    waiting = [v for v in views if v is not None and v.waiting]
+    for view in waiting:
+        pipe.zrank(keys.sched_waiting(view.record.spec.tenant), view.record.id)
+    return waiting
+
+
+def build_batches(views: list[BatchView | None], waiting: list[BatchView], ranks: list) -> list[Batch | None]:
+    position = {v.record.id: (None if rank is None else int(rank) + 1) for v, rank in zip(waiting, ranks)}
+    return [None if v is None else v.record.to_batch(v.completed, v.failed, position.get(v.record.id))
+            for v in views]
 
 
 def live_counts(committed: list[str], progress: list[str]) -> tuple[int, int]:

@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 from shared.schemas import Batch
 from shared import keys
 from shared.store_client import client_options
-from shared.store import Page, decode_batch_reads, page_bound, queue_batch_reads
+from shared.store import Page, build_batches, decode_batch_reads, page_bound, queue_batch_reads, queue_position_reads
 
 
 class AsyncBatchReader:
@@ -25,7 +25,14 @@ class AsyncBatchReader:
     async def get_batches(self, batch_ids: list[str], scope: str | None = None) -> list[Batch | None]:
         pipe = self.r.pipeline(transaction=False)
         queue_batch_reads(pipe, batch_ids)
-        return decode_batch_reads(batch_ids, await pipe.execute(), scope)
+        views = decode_batch_reads(batch_ids, await pipe.execute(), scope)
+        waiting: list = []
+        ranks: list = []
+        if any(v is not None and v.waiting for v in views):
+            pipe = self.r.pipeline(transaction=False)
+            waiting = queue_position_reads(pipe, views)
+            ranks = await pipe.execute()
+        return build_batches(views, waiting, ranks)
 
     async def get_batch(self, batch_id: str, scope: str) -> Batch | None:
         return (await self.get_batches([batch_id], scope))[0]

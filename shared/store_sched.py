@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import redis
 
 from shared import keys, lua
-from shared.lifecycle import TERMINAL
+from shared.lifecycle import QUEUED, TERMINAL, VALIDATING
 
 # A batch with less than this share of its completion window left runs before any other of its tenant's batches.
 URGENT_FRACTION = 0.25
@@ -33,6 +33,7 @@ class SchedulerStore:
     def __init__(self, client: redis.Redis) -> None:
         self._release = client.register_script(lua.RELEASE_CHUNKS)
         self._take = client.register_script(lua.TAKE_CHUNK)
+        self._admit = client.register_script(lua.ADMIT)
         self._terminal = "," + ",".join(sorted(TERMINAL)) + ","
 
     def release_chunks(self, batch_id: str, tenant: str, weight: float, indexes: list[int]) -> None:
@@ -56,3 +57,14 @@ class SchedulerStore:
 
     def tenants_with_work(self) -> int:
         return int(self.r.zcard(keys.SCHED_TENANTS))
+
+    # ---- the queue of batches over their tenant's cap -----------------------------------------------------------
+
+    def admit(self, tenant: str, cap: int, batch_id: str = "", place: float = 0.0) -> list[str]:
+        """Admit the tenant's waiting batches that fit, in order; `batch_id` (at `place` in line) asks to start."""
+        got = self._admit(keys=[keys.SCHED_ENQUEUED, keys.sched_waiting(tenant)],
+                          args=[tenant, cap, keys.batch(""), batch_id, repr(place), f",{VALIDATING},{QUEUED},"])
+        return list(got or [])
+
+    def enqueued_requests(self, tenant: str) -> int:
+        return int(self.r.hget(keys.SCHED_ENQUEUED, tenant) or 0)

@@ -10,7 +10,9 @@ import logging
 import time
 
 from shared.blobs import BlobNotFound
-from shared.lifecycle import CANCELLING, VALIDATING, BatchRecord, Ending
+from typing import Callable
+
+from shared.lifecycle import CANCELLING, IN_PROGRESS, QUEUED, VALIDATING, BatchRecord, Ending
 from workers.chunk import batch_input_key
 from workers.runtime import Runtime
 from workers.validation import LineError, chunk_size_for, plan_chunks, scan_input
@@ -25,22 +27,57 @@ def _fail(rt: Runtime, record: BatchRecord, errors: list[LineError]) -> None:
     rt.lifecycle.fail(record, time.time(), [e.as_dict() for e in errors])
 
 
-def _resume(rt: Runtime, record: BatchRecord) -> list[int]:
-    """A planned batch: start it if the planning run died before doing so, and return its uncommitted chunks."""
+def admit(rt: Runtime, record: BatchRecord, total: int, now: float, start_other: Callable[[str], None]) -> bool:
+    """Whether a planned batch may start: its tenant has no max_enqueued_requests, or room under it. Otherwise it
+    waits in line (`queued`), or fails at once when it alone is over the cap. Batches the line lets in before it
+    are passed to `start_other`."""
+    tenant = record.spec.tenant
+    cap = rt.providers.max_enqueued_requests(tenant)
+    if cap is None or record.state.admitted:
+        return True
+    if total > cap:
+        _fail(rt, record, [LineError(
+            "token_limit_exceeded",
+            f"This batch has {total:,} requests, more than the {cap:,} this API key may have enqueued at once "
+            "(max_enqueued_requests). Split it into smaller batches.")])
+        return False
+    admitted = rt.store.admit(tenant, cap, record.id, place=now)
+    for other in admitted:
+        if other != record.id:
+            start_other(other)
+    if record.id in admitted:
+        return True
     if record.state.status == VALIDATING:
-        rt.lifecycle.start(record, time.time())
+        used = rt.store.enqueued_requests(tenant)
+        rt.lifecycle.queue(record, now, (
+            f"Waiting for room under this API key's limit of {cap:,} enqueued requests (max_enqueued_requests): "
+            f"{used:,} are in batches that have not finished, and this batch has {total:,}."))
+        log.info("batch %s: %d requests wait behind %d enqueued (cap %d)", record.id, total, used, cap)
+    return False
+
+
+def _resume(rt: Runtime, record: BatchRecord, start_other: Callable[[str], None]) -> list[int]:
+    """A planned batch: start it if the planning run died before doing so (or it waited in line and may start
+    now), and return its uncommitted chunks."""
+    if record.state.status in (VALIDATING, QUEUED):
+        if not admit(rt, record, record.state.total, time.time(), start_other):
+            return []
+        outcome = rt.lifecycle.start(record, time.time())
+        if not outcome.moved and outcome.status not in (CANCELLING, IN_PROGRESS):
+            return []
     done = rt.store.done_chunks(record.id)
     return [i for i in range(record.state.n_chunks or 0) if i not in done]
 
 
-def orchestrate(rt: Runtime, batch_id: str) -> list[int]:
-    """Validate and plan. Returns the chunk indexes to dispatch (empty when there is nothing to run)."""
+def orchestrate(rt: Runtime, batch_id: str, start_other: Callable[[str], None] = lambda batch_id: None) -> list[int]:
+    """Validate and plan. Returns the chunk indexes to dispatch (empty when there is nothing to run, or the batch
+    waits for room under its tenant's cap); `start_other` is given batches that room was found for meanwhile."""
     store, settings = rt.store, rt.settings
     record = store.batch_record(batch_id)
     if record is None or record.state.terminal:
         return []
     if record.state.planned:
-        return _resume(rt, record)
+        return _resume(rt, record, start_other)
     if record.state.status == CANCELLING:
         rt.lifecycle.end(record, "end_cancelled", time.time(), Ending())
         return []
@@ -94,8 +131,10 @@ def orchestrate(rt: Runtime, batch_id: str) -> list[int]:
         {"total": str(scan.total), "model": scan.model or "", "provider": provider.name,
          "dispatched_at": str(int(now))},
     )
+    if not admit(rt, record, scan.total, now, start_other):
+        return []
     outcome = rt.lifecycle.start(record, now)
-    if not outcome.moved and outcome.status not in (CANCELLING, "in_progress"):
+    if not outcome.moved and outcome.status not in (CANCELLING, IN_PROGRESS):
         return []
     log.info("batch %s: %d requests in %d chunks of %d", batch_id, scan.total, len(chunks), size_per_chunk)
     return [c.index for c in chunks]

@@ -5,6 +5,10 @@ Celery carries *tickets* (messages without a batch): a ticket starts a runner in
 chunks in the order the scheduler (shared/store_sched.py) gives until there is none or its time budget is spent.
 Which batch a chunk comes from is decided when it is taken, so a small batch released after a big one is served
 at the next take of any process, not after the big one's backlog.
+
+A runner also hands its process back to Celery when control messages (orchestrate, finalize, the sweep) are waiting
+and every process is serving chunks: it takes no new chunk, lets its last ones finish and sends a ticket to carry on.
+So a new batch's orchestrate waits about one chunk's time, never a runner's whole budget.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import time
 from typing import Callable
 
 from shared.lifecycle import BatchRecord
+from shared.queue import CONTROL_QUEUE
 from workers import chunk
 from workers.runtime import Runtime
 
@@ -46,13 +51,14 @@ async def _run_taken(rt: Runtime, batch_id: str, index: int, node: str, drained:
 
 
 async def serve(rt: Runtime, node: str, budget_s: float, finished_batch: Callable[[str], None]) -> bool:
-    """Run chunks until none is ready or `budget_s` has passed. True when it stopped for the budget."""
+    """Run chunks until none is ready, `budget_s` has passed or control messages wait. True when it stopped early
+    (chunks may be left for another ticket)."""
     deadline = time.monotonic() + budget_s
     running: set[asyncio.Task] = set()
     out_of_time = False
     try:
         while True:
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline or rt.store.queue_depth(CONTROL_QUEUE) > 0:
                 out_of_time = True
                 break
             taken = rt.store.take_chunk(time.time())

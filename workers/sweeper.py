@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from shared.file_service import expire_files
-from shared.lifecycle import Ending
+from shared.lifecycle import USAGE_CEILING, BatchRecord, Ending
 from shared.queue import CHUNKS_QUEUE
 from shared.recovery import Action, Timing, recover
 from workers import chunk, webhooks
@@ -106,6 +106,10 @@ def _carry_out(rt: Runtime, record, action: Action, now: float, dispatch: Dispat
         # For "start" the planning run died before starting the batch; orchestrate starts it and sends its chunks.
         store.mark_sent(batch_id, "orchestrate", now)
         dispatch.orchestrate(batch_id)
+    elif action.kind == "admit":
+        for batch_id in admit_waiting(rt, record):
+            store.mark_sent(batch_id, "orchestrate", now)
+            dispatch.orchestrate(batch_id)
     elif action.kind == "expire":
         rt.lifecycle.end(record, "expire", now, Ending())
     elif action.kind == "end_cancelled":
@@ -127,6 +131,15 @@ def _carry_out(rt: Runtime, record, action: Action, now: float, dispatch: Dispat
     elif action.kind == "finalize":
         store.mark_sent(batch_id, "finalize", now)
         dispatch.finalize(batch_id)
+
+
+def admit_waiting(rt: Runtime, record: BatchRecord | None) -> list[str]:
+    """Let in the batches of `record`'s tenant that wait for room under its cap; returns those to start."""
+    if record is None:
+        return []
+    tenant = record.spec.tenant
+    cap = rt.providers.max_enqueued_requests(tenant)
+    return rt.store.admit(tenant, cap if cap is not None else USAGE_CEILING)
 
 
 def clean_up(rt: Runtime, batch_id: str) -> None:

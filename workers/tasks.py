@@ -62,7 +62,7 @@ def _send_event(batch_id: str, status: str | None) -> None:
 @app.task(name=ORCHESTRATE, ignore_result=True)
 def orchestrate_task(batch_id: str) -> None:
     rt = get_runtime()
-    indexes = orchestrate.orchestrate(rt, batch_id)
+    indexes = orchestrate.orchestrate(rt, batch_id, start_other=send_orchestrate)
     if not indexes:
         record = rt.store.batch_record(batch_id)
         if record is not None and record.state.terminal:
@@ -106,7 +106,13 @@ def run_chunk_task(self, batch_id: str, index: int) -> int:
 
 @app.task(name=FINALIZE, ignore_result=True)
 def finalize_task(batch_id: str) -> None:
-    _send_event(batch_id, finalize.finalize(get_runtime(), batch_id))
+    rt = get_runtime()
+    status = finalize.finalize(rt, batch_id)
+    _send_event(batch_id, status)
+    if status is not None:
+        # The batch's requests no longer count against its tenant's cap: start what waited for the room.
+        for waiting in sweeper.admit_waiting(rt, rt.store.batch_record(batch_id)):
+            send_orchestrate(waiting)
 
 
 @app.task(name=SWEEP, ignore_result=True)
