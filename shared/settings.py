@@ -34,10 +34,13 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BATCHGATE_", extra="ignore")
 
     # Where state lives.
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="the Redis that holds every record, "
+                           "index and counter, and (unless broker_url / result_backend_url say otherwise) Celery's "
+                           "queues and results")
     broker_url: str | None = Field(default=None, description="Celery broker; defaults to redis_url")
     result_backend_url: str | None = Field(default=None, description="Celery results; defaults to redis_url")
-    data_dir: Path = Path("./data")
+    data_dir: Path = Field(default=Path("./data"), description="root of the local blob store (uploads, result "
+                           "parts, output files); every API and worker process must see the same directory")
     redis_timeout_s: float = Field(default=2.0, gt=0, description="the API's Redis connect and reply timeout: how "
                                    "long a request waits on a frozen Redis before it answers 503")
     storage_retry_after_s: int = Field(default=2, ge=1, le=120, description="Retry-After sent with a 503 while "
@@ -45,85 +48,113 @@ class Settings(BaseSettings):
 
     # Blob storage: a local directory (one host, or a volume every host mounts) or an S3-compatible bucket.
     blob_backend: str = Field(default="local", description="local or s3")
-    s3_bucket: str = "batchgate"
+    s3_bucket: str = Field(default="batchgate", description="the bucket (create it beforehand)")
     s3_prefix: str = Field(default="", description="key prefix inside the bucket")
     s3_endpoint_url: str | None = Field(default=None, description="for MinIO, Ceph, R2, moto...; unset for AWS")
-    s3_region: str | None = None
+    s3_region: str | None = Field(default=None, description="the bucket's region name")
     s3_access_key_id: str | None = Field(default=None, description="unset: boto3's usual credential chain")
-    s3_secret_access_key: SecretStr | None = None
+    s3_secret_access_key: SecretStr | None = Field(default=None, description="goes with s3_access_key_id")
     s3_part_size_mb: int = Field(default=8, ge=5, description="multipart part size; S3's minimum is 5")
 
     # Logs.
-    log_format: str = Field(default="json", description="json or text")
-    log_level: str = "INFO"
+    log_format: str = Field(default="json", description="json (one object a line, with request_id and batch_id) "
+                            "or text; secrets are masked in both")
+    log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR")
 
     # Who may call.
-    dev_mode: bool = False
+    dev_mode: bool = Field(default=False, description="with no api_keys set, accept the development key "
+                           "sk-batchgate-dev (as tenant 'dev')")
     api_keys: str = Field(default="", description="comma-separated key=tenant pairs; a key may be 'sha256:<hex>'")
     admin_api_key: SecretStr | None = Field(default=None, description="the operator's key for /admin routes")
     metrics_token: SecretStr | None = Field(default=None, description="a Bearer token for GET /metrics only (the "
                                             "admin key works too); /metrics is open only in dev mode without keys")
 
     # Files.
-    max_upload_bytes: int = 512 * 1024 * 1024
-    body_read_timeout_s: float = 30.0
+    max_upload_bytes: int = Field(default=512 * 1024 * 1024, description="largest file upload (else 413 "
+                                  "file_too_large)")
+    body_read_timeout_s: float = Field(default=30.0, description="a request body must send a piece at least this "
+                                       "often (else 408)")
     upload_deadline_s: float = Field(default=600.0, gt=0, description="a request body must arrive whole within "
                                      "this, however steadily it drips (else 408)")
     header_timeout_s: float = Field(default=10.0, gt=0, description="a connection must send a request's headers "
-                                    "within this of opening or of its previous response (else it is closed)")
-    batch_file_default_ttl_s: int = 30 * 86400
+                                    "within this of opening or of its previous response (else it is closed; the API runs uvicorn with "
+                                    "--http api.protocol:HTTPProtocol)")
+    batch_file_default_ttl_s: int = Field(default=30 * 86400, description="how long an uploaded purpose=batch file "
+                                          "is kept when the upload names no expires_after")
 
     # Batches.
     completion_windows: str = Field(default="1h,24h,48h,7d", description="the completion windows a batch may ask "
                                     "for (24h always); a number with m, h or d")
     completion_window_s: int = Field(default=86400, gt=0, description="how long a 24h window lasts: a test and "
                                      "development override that shortens every window in proportion")
-    max_batch_lines: int = 50_000
-    max_batch_input_bytes: int = 200 * 1024 * 1024
+    max_batch_lines: int = Field(default=50_000, description="most requests in one batch (else the batch fails "
+                                 "with too_many_requests)")
+    max_batch_input_bytes: int = Field(default=200 * 1024 * 1024, description="largest batch input file (else the "
+                                       "batch fails with file_too_large)")
     max_line_bytes: int = Field(default=8 * 1024 * 1024, description="the largest one request line may be")
-    output_default_ttl_s: int = 30 * 86400
+    output_default_ttl_s: int = Field(default=30 * 86400, description="how long output and error files are kept "
+                                      "when the batch names no output_expires_after")
 
     # Execution.
-    providers_file: Path | None = None
-    upstream_base_url: str = "http://127.0.0.1:8001/v1"
-    upstream_api_key: str = ""
-    upstream_max_concurrency: int = 64
-    upstream_timeout_s: float = 120.0
-    upstream_max_retries: int = 5
-    upstream_rpm: int = 0
-    upstream_tpm: int = 0
-    upstream_max_inflight: int = 0
+    providers_file: Path | None = Field(default=None, description="TOML file of upstream providers and tenant "
+                                        "options (providers.example.toml); unset: one provider from upstream_*")
+    upstream_base_url: str = Field(default="http://127.0.0.1:8001/v1", description="the default provider's base "
+                                   "URL, when no providers file is given")
+    upstream_api_key: str = Field(default="", description="the default provider's API key, sent as "
+                                  "'Authorization: Bearer'")
+    upstream_max_concurrency: int = Field(default=64, description="the default provider's in-flight requests per "
+                                          "worker process")
+    upstream_timeout_s: float = Field(default=120.0, description="the default provider's time limit for one answer")
+    upstream_max_retries: int = Field(default=5, description="the default provider's retries of a request that got "
+                                      "no usable answer (429, 5xx, transport errors)")
+    upstream_rpm: int = Field(default=0, description="the default provider's requests per minute across every "
+                              "worker process; 0 = unlimited")
+    upstream_tpm: int = Field(default=0, description="the default provider's estimated tokens per minute across "
+                              "every worker process; 0 = unlimited")
+    upstream_max_inflight: int = Field(default=0, description="the default provider's requests in flight across "
+                                       "every worker process; 0 = unlimited")
     upstream_max_response_bytes: int = Field(default=DEFAULT_MAX_RESPONSE_BYTES, ge=1,
-                                             description="largest upstream answer kept; providers may set their own")
-    retry_base_s: float = 0.5
-    retry_max_s: float = 30.0
-    chunk_min_requests: int = 50
-    chunk_max_requests: int = 2000
+                                             description="largest upstream answer kept (decoded bytes; larger is "
+                                             "response_too_large); the default of providers without "
+                                             "max_response_bytes (README: Upstream answer sizes)")
+    retry_base_s: float = Field(default=0.5, description="first retry backoff (doubling, with jitter)")
+    retry_max_s: float = Field(default=30.0, description="longest retry backoff (a longer Retry-After is capped "
+                               "to it)")
+    chunk_min_requests: int = Field(default=50, description="fewest requests in a chunk")
+    chunk_max_requests: int = Field(default=2000, description="most requests in a chunk")
     chunk_waves: int = Field(default=4, description="a chunk holds about this many x a process's senders: the "
                              "scheduler's unit, so a new batch waits at most about this many upstream latencies")
     runner_budget_s: float = Field(default=60.0, gt=0, description="how long a worker process serves chunks for one "
                                    "ticket before it hands over to the next message")
-    chunk_max_attempts: int = 3
-    chunk_lease_s: float = 30.0
-    progress_interval_s: float = 0.5
+    chunk_max_attempts: int = Field(default=3, description="a chunk started more often than this (its runs "
+                                    "kept dying) writes its remaining requests as processing_error lines")
+    chunk_lease_s: float = Field(default=30.0, description="a chunk run's or finalize's lease, renewed while it "
+                                 "runs; a dead run's work is taken over once it lapses")
+    progress_interval_s: float = Field(default=0.5, description="how often a chunk run makes its finished lines "
+                                       "durable, renews its lease and checks for cancel or expiry")
 
     # Webhooks.
     webhook_allowed_hosts: str = Field(default="", description="comma-separated hosts webhooks may be sent to")
-    webhook_timeout_s: float = 10.0
-    webhook_retry_base_s: float = 2.0
-    webhook_max_attempts: int = 12
+    webhook_timeout_s: float = Field(default=10.0, description="time limit for one webhook delivery")
+    webhook_retry_base_s: float = Field(default=2.0, description="first delay before a failed delivery is retried "
+                                        "(doubling, at most 300 s)")
+    webhook_max_attempts: int = Field(default=12, description="deliveries tried before an event is given up")
 
     # Celery reliability.
-    visibility_timeout_s: int = 1800
-    chunk_time_limit_s: int = 600
-    sweep_interval_s: float = 30.0
-    redrive_after_s: float = 60.0
+    visibility_timeout_s: int = Field(default=1800, description="Redis visibility timeout of broker and results "
+                                      "alike; keep it well over chunk_time_limit_s")
+    chunk_time_limit_s: int = Field(default=600, description="a chunk task's hard time limit")
+    sweep_interval_s: float = Field(default=30.0, description="how often the sweeper (celery beat) looks at every "
+                                    "active batch: expiry, lost chunks and finalizes, clean-up, expired files")
+    redrive_after_s: float = Field(default=60.0, description="the sweeper re-sends an orchestrate, chunk or "
+                                   "finalize message unanswered this long")
     cleanup_delay_s: float = Field(
         default=900.0, description="how long a finished batch's working blobs and keys are kept, so that a Redis "
         "restored a little older (failover, AOF everysec) can still finish the batch from them")
     durable_every_lines: int = Field(
         default=0, description="a chunk makes its finished lines durable at least every this many lines "
-        "(0: the provider's max_concurrency), and at every progress tick")
+        "(0: the provider's max_concurrency), and at every progress tick: a killed process re-sends at most its "
+        "in-flight requests plus these")
 
     @field_validator("s3_endpoint_url", "s3_region", "s3_access_key_id", "s3_secret_access_key", "metrics_token",
                      mode="before")

@@ -10,16 +10,16 @@ ENV_PREFIX = "BATCHGATE_SIM_"
 
 
 class SimulatorConfig(BaseModel):
-    latency_ms: float = Field(default=0.0, ge=0)
-    jitter_ms: float = Field(default=0.0, ge=0)
-    error_rate: float = Field(default=0.0, ge=0, le=1)
-    rate_429: float = Field(default=0.0, ge=0, le=1)
-    retry_after_s: float = Field(default=1.0, ge=0)
-    max_rpm: int = Field(default=0, ge=0)
-    api_key: str = ""
+    latency_ms: float = Field(default=0.0, ge=0, description="added to every answer, in milliseconds")
+    jitter_ms: float = Field(default=0.0, ge=0, description="a random extra latency up to this")
+    error_rate: float = Field(default=0.0, ge=0, le=1, description="share of requests answered 500")
+    rate_429: float = Field(default=0.0, ge=0, le=1, description="share of requests answered 429")
+    retry_after_s: float = Field(default=1.0, ge=0, description="the Retry-After sent with a 429")
+    max_rpm: int = Field(default=0, ge=0, description="answer 429 above this many requests a minute; 0 = unlimited")
+    api_key: str = Field(default="", description="require 'Authorization: Bearer <this>'; empty = accept any")
     usage_total_tokens: int | None = Field(default=None, ge=0, description="report this total in every usage block "
                                            "(an upstream that gets its figures absurdly wrong)")
-    seed: int | None = None
+    seed: int | None = Field(default=None, description="seed of the random faults and jitter, for repeatable runs")
 
     @classmethod
     def from_env(cls, **overrides: object) -> "SimulatorConfig":
