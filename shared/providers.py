@@ -1,6 +1,6 @@
 """Upstream providers: OpenAI-compatible base URLs with their credentials and limits.
 
-Configured in a TOML file named by BATCHGATE_PROVIDERS_FILE:
+Configured in a TOML file named by BATCHGATE_PROVIDERS_FILE (every key, commented: providers.example.toml):
 
     default = "openai"
 

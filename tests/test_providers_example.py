@@ -1,0 +1,59 @@
+"""providers.example.toml loads with the real loader and shows every key the loader's models accept."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from shared.providers import Provider, ProviderRegistry, TenantConfig
+from shared.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "providers.example.toml"
+TOP_LEVEL = {"default", "providers", "tenants"}  # what ProviderRegistry.from_settings reads from the file
+
+
+def _load(monkeypatch) -> ProviderRegistry:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-the-environment")
+    settings = Settings(providers_file=EXAMPLE, webhook_allowed_hosts="hooks.team-a.example")
+    return ProviderRegistry.from_settings(settings)
+
+
+def test_the_example_loads_with_the_real_loader(monkeypatch):
+    registry = _load(monkeypatch)
+    assert registry.default == "openai"
+    openai, vllm = registry.get("openai"), registry.get("local-vllm")
+    assert openai.secret() == "sk-from-the-environment" and vllm.secret() == "EMPTY"
+    assert registry.for_model("gpt-4o-mini") is openai
+    assert registry.for_model("meta-llama/Llama-3.1-8B-Instruct") is vllm
+    assert registry.for_model("unknown-model") is openai
+    assert openai.url_for("/v1/chat/completions") == "https://api.openai.com/v1/chat/completions"
+    assert not registry.allowed("team-a", "local-vllm") and registry.allowed("team-b", "local-vllm")
+    assert registry.webhook("team-a") is not None and registry.webhook("team-b") is None
+    assert registry.tenants["team-a"].weight == 2 and registry.tenants["team-a"].max_enqueued_requests == 100000
+
+
+def test_the_example_sets_every_key_the_loader_accepts():
+    data = tomllib.loads(EXAMPLE.read_text())
+    assert set(data) == TOP_LEVEL
+    provider_keys = {key for spec in data["providers"].values() for key in spec}
+    tenant_keys = {key for spec in data["tenants"].values() for key in spec}
+    # `name` is the table's own name, given by the loader.
+    assert provider_keys == set(Provider.model_fields) - {"name"}
+    assert tenant_keys == set(TenantConfig.model_fields)
+
+
+def test_every_key_is_commented():
+    """Each key's first use in the example carries a comment saying what it does."""
+    explained: set[str] = set()
+    for line in EXAMPLE.read_text().splitlines():
+        code, _, comment = line.partition("#")
+        if "=" in code and not code.startswith("["):
+            key = code.split("=")[0].strip()
+            if comment.strip():
+                explained.add(key)
+    assert (set(Provider.model_fields) - {"name"}) | set(TenantConfig.model_fields) | {"default"} <= explained
+
+
+def test_the_readme_names_the_example():
+    assert "providers.example.toml" in (ROOT / "README.md").read_text()
