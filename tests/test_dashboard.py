@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import httpx
 import pytest
 from stack import API_KEY, OTHER_API_KEY, chat_lines, submit, wait_terminal
 
@@ -15,6 +16,8 @@ ARTIFACTS = Path(os.environ.get("BATCHGATE_TEST_ARTIFACTS") or Path(__file__).re
 SLOW_REQUESTS = 1500
 FAILING_REQUESTS = 12
 NOT_MARKUP = "<img id=injected src=x onerror=alert(1)>"
+MODEL = "gpt-4o-mini-2024-07-18"  # a real model name: as long as they come
+WIDTH = 1400  # the batch table must fit a window this wide, every column visible
 
 
 @pytest.fixture
@@ -31,7 +34,7 @@ def page():
         pytest.skip(missing)
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"])
-        context = browser.new_context(viewport={"width": 1500, "height": 900}, accept_downloads=True)
+        context = browser.new_context(viewport={"width": WIDTH, "height": 900}, accept_downloads=True)
         context.set_default_timeout(15_000)
         yield context.new_page()
         browser.close()
@@ -47,9 +50,9 @@ def test_dashboard_shows_live_progress_errors_and_downloads(make_stack, page):
     # Finished batches first, with no latency: one whose every request fails, one that succeeds,
     # one refused at validation, and one of tenant B's.
     dep.sim_config(latency_ms=0, error_rate=1.0)
-    failing = wait_terminal(client, submit(client, chat_lines(FAILING_REQUESTS, prefix="bad")).id)
+    failing = wait_terminal(client, submit(client, chat_lines(FAILING_REQUESTS, prefix="bad", model=MODEL)).id)
     dep.sim_config(error_rate=0)
-    done = wait_terminal(client, submit(client, chat_lines(5, prefix="ok"), metadata={"note": NOT_MARKUP}).id)
+    done = wait_terminal(client, submit(client, chat_lines(5, prefix="ok", model=MODEL), metadata={"note": NOT_MARKUP}).id)
     invalid = wait_terminal(client, submit(client, chat_lines(1) + b"{not json\n").id)
     other_tenant = submit(dep.client(api_key=OTHER_API_KEY), chat_lines(3))
     assert failing.request_counts.failed == FAILING_REQUESTS and failing.error_file_id
@@ -57,12 +60,24 @@ def test_dashboard_shows_live_progress_errors_and_downloads(make_stack, page):
     assert invalid.status == "failed"
     # And one slow enough to watch: 1,500 requests at 200 ms, at most 2 x 8 in flight.
     dep.sim_config(latency_ms=200)
-    running = submit(client, chat_lines(SLOW_REQUESTS))
+    running = submit(client, chat_lines(SLOW_REQUESTS, model=MODEL))
+
+    # The server's root is the dashboard, and it has an icon (linked by the page, and where browsers look).
+    base = f"http://127.0.0.1:{dep.api_port}"
+    root = httpx.get(f"{base}/")
+    assert root.status_code == 302 and root.headers["location"] == "/ui"
+    icon = httpx.get(f"{base}/favicon.ico")
+    assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/svg+xml")
+    assert icon.content.lstrip().startswith(b"<svg")
 
     script_errors: list[str] = []
     page.on("pageerror", lambda error: script_errors.append(str(error)))
-    ui = f"http://127.0.0.1:{dep.api_port}/ui"
-    page.goto(ui)
+    ui = f"{base}/ui"
+    page.goto(base)
+    assert page.url == ui
+    linked = page.locator('link[rel="icon"]').get_attribute("href")
+    linked_icon = page.request.get(f"{base}{linked}")
+    assert linked_icon.ok and linked_icon.headers["content-type"].startswith("image/svg+xml")
     page.fill("#api-key", "sk-not-a-real-key-000")
     page.click("#sign-in-button")
     expect(page.locator("#error")).to_contain_text("Incorrect API key provided")
@@ -91,6 +106,16 @@ def test_dashboard_shows_live_progress_errors_and_downloads(make_stack, page):
     assert total == SLOW_REQUESTS
     assert 0 <= first < second <= total, (first, second)
 
+    # At 1400 px the whole table fits: nothing scrolls sideways, and the last column's links are on screen.
+    wrap = page.locator(".table-wrap")
+    assert wrap.evaluate("node => node.scrollWidth <= node.clientWidth"), wrap.evaluate(
+        "node => [node.scrollWidth, node.clientWidth]")
+    errors_link = page.locator(f'tr[data-batch-id="{failing.id}"] [data-kind="error"]')
+    expect(errors_link).to_be_visible()
+    expect(errors_link).to_be_in_viewport(ratio=1)
+    box = errors_link.bounding_box()
+    assert box["x"] >= 0 and box["x"] + box["width"] <= WIDTH, box
+
     # The failed batch's page lists its error lines; the refused one its validation errors.
     page.click(f'tr[data-batch-id="{failing.id}"] a.batch-link')
     expect(page.locator("#batch-view")).to_have_attribute("data-batch-id", failing.id)
@@ -115,6 +140,9 @@ def test_dashboard_shows_live_progress_errors_and_downloads(make_stack, page):
     # The output file downloads with the key, byte for byte.
     page.goto(f"{ui}#/batches/{done.id}")
     expect(page.locator("#batch-fields")).to_contain_text(NOT_MARKUP)  # shown as text, never parsed
+    expect(page.locator("#batch-fields")).to_be_hidden()  # the raw fields wait behind their toggle
+    page.click("#batch-details > summary")
+    expect(page.locator("#batch-fields")).to_be_visible()
     assert page.locator("#injected").count() == 0
     with page.expect_download() as download_info:
         page.click('#batch-summary [data-kind="output"]')

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import APIRouter
-from starlette.responses import FileResponse
+from starlette.responses import FileResponse, RedirectResponse
 from starlette.staticfiles import StaticFiles
 
 UI_DIR = Path(__file__).resolve().parent.parent / "ui"
@@ -25,6 +25,19 @@ router = APIRouter(include_in_schema=False)
 @router.get("/ui/")
 def dashboard() -> FileResponse:
     return FileResponse(UI_DIR / "index.html", headers=PAGE_HEADERS)
+
+
+@router.get("/")
+def root() -> RedirectResponse:
+    """A browser pointed at the server lands on the dashboard."""
+    return RedirectResponse("/ui", status_code=302)
+
+
+@router.get("/favicon.ico")
+def favicon() -> FileResponse:
+    """Browsers ask for it whatever the page links; the page links the same icon under /ui/static."""
+    return FileResponse(UI_DIR / "favicon.svg", media_type="image/svg+xml",
+                        headers={"cache-control": "public, max-age=86400"})
 
 
 router.mount("/ui/static", StaticFiles(directory=UI_DIR), name="ui-static")

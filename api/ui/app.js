@@ -162,6 +162,27 @@ function progress(counts = {}) {
   );
 }
 
+// "1h 02m", "3m 05s", "12s".
+function duration(seconds) {
+  const s = Math.max(0, Math.round(seconds));
+  if (s >= 3600) return `${Math.floor(s / 3600)}h ${String(Math.floor((s % 3600) / 60)).padStart(2, "0")}m`;
+  if (s >= 60) return `${Math.floor(s / 60)}m ${String(s % 60).padStart(2, "0")}s`;
+  return `${s}s`;
+}
+
+// How long a batch ran: from in_progress_at to its end, or until now while it runs.
+function ran(batch) {
+  if (!batch.in_progress_at) return el("span", { class: "muted" }, "—");
+  const end = finishedAt(batch);
+  const seconds = (end ?? Date.now() / 1000) - batch.in_progress_at;
+  return el(
+    "div",
+    { class: "ran" },
+    duration(seconds),
+    el("div", { class: "muted small" }, end ? new Date(end * 1000).toLocaleTimeString() : "running"),
+  );
+}
+
 function usage(u) {
   if (!u || !u.total_tokens) return el("span", { class: "muted" }, "—");
   return el(
@@ -198,10 +219,9 @@ function batchRow(batch) {
     el("td", {}, el("a", { href: batchHref(batch.id), class: "mono batch-link" }, batch.id)),
     el("td", {}, badge(batch.status)),
     el("td", {}, progress(batch.request_counts)),
-    el("td", {}, batch.model || "—"),
+    el("td", { class: "model" }, batch.model || "—"),
     el("td", {}, timestamp(batch.created_at, true)),
-    el("td", {}, timestamp(batch.in_progress_at, true)),
-    el("td", {}, timestamp(finishedAt(batch), true)),
+    el("td", {}, ran(batch)),
     el("td", {}, usage(batch.usage)),
     el("td", { class: "files" }, ...files(batch)),
   );
