@@ -74,6 +74,7 @@ class BatchKeys:
         self.progress = f"{stem}:progress"  # hash chunk index -> "completed:failed" durable so far
         self.attempts = f"{stem}:attempts"  # hash chunk index -> runs started
         self.redriven = f"{stem}:redriven"  # hash chunk index -> when the sweeper last re-sent it
+        self.history = f"{stem}:history"  # list of "t_ms:completed:failed" progress samples (shared/progress.py)
         self.finalize_lease = f"{stem}:finalize-lease"
         self.finalize_lock_v1 = f"{stem}:finalize-lock"  # written by versions before the lifecycle module
         self.stem = stem
@@ -93,7 +94,7 @@ class BatchKeys:
         """Every execution key of the batch: what clean-up deletes once the batch has ended."""
         per_chunk = [k for i in range(n_chunks) for k in (self.lease(i), self.finished(i), self.segments(i))]
         return [self.plan, self.ready, self.done, self.counts, self.progress, self.attempts, self.redriven, self.finalize_lease,
-                self.finalize_lock_v1, *per_chunk]
+                self.finalize_lock_v1, self.history, *per_chunk]
 
 
 def usage(tenant: str) -> str:

@@ -88,6 +88,45 @@ redis.call('HSET', KEYS[2], ARGV[2], ARGV[3] .. ':' .. ARGV[4])
 return 1
 """
 
+# A sample of a batch's progress for its history (shared/progress.py), sent in the same pipeline as each segment and
+# chunk commit. KEYS: 1 history list, 2 counts hash, 3 progress hash, 4 done set. ARGV: least gap between samples
+# (ms), most samples kept, n_chunks (0, or the plan's size on a chunk commit: the last one is always sampled).
+# Samples are "t_ms:completed:failed" at Redis's clock. The gap grows with the history's span (at least the span / half
+# the cap), and a full history keeps every other sample, so it covers the whole run at an even density. Returns 1
+# when a sample was taken.
+SAMPLE_PROGRESS = """
+local now = redis.call('TIME')
+local t = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local cap = tonumber(ARGV[2])
+local n = tonumber(ARGV[3])
+local last_chunk = n > 0 and redis.call('SCARD', KEYS[4]) >= n
+local len = redis.call('LLEN', KEYS[1])
+if len > 0 and not last_chunk then
+  local t0 = tonumber(string.match(redis.call('LINDEX', KEYS[1], 0), '^(%d+)'))
+  local t1 = tonumber(string.match(redis.call('LINDEX', KEYS[1], -1), '^(%d+)'))
+  if t - t1 < math.max(tonumber(ARGV[1]), (t1 - t0) * 2 / cap) then return 0 end
+end
+local c, f = 0, 0
+for _, raw in ipairs(redis.call('HVALS', KEYS[2])) do
+  c = c + tonumber(string.match(raw, '"completed":(%d+)') or '0')
+  f = f + tonumber(string.match(raw, '"failed":(%d+)') or '0')
+end
+for _, raw in ipairs(redis.call('HVALS', KEYS[3])) do
+  local a, b = string.match(raw, '(%d+):(%d+)')
+  c, f = c + tonumber(a), f + tonumber(b)
+end
+redis.call('RPUSH', KEYS[1], t .. ':' .. c .. ':' .. f)
+if len + 1 > cap then
+  local all = redis.call('LRANGE', KEYS[1], 0, -1)
+  local kept = {}
+  for i = 1, #all - 1, 2 do kept[#kept + 1] = all[i] end
+  kept[#kept + 1] = all[#all]
+  redis.call('DEL', KEYS[1])
+  redis.call('RPUSH', KEYS[1], unpack(kept))
+end
+return 1
+"""
+
 # KEYS: 1 lease, 2 done set, 3 counts hash, 4 progress hash. ARGV: token, chunk index, counts json, n_chunks.
 # The first commit of a chunk wins, and only its lease holder may make it. Returns {committed (1, 0 when committed
 # already, -1 when the lease is lost), chunks done, n_chunks}.

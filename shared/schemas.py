@@ -118,6 +118,24 @@ class Batch(WireModel):
     queue_position: int | None = None  # its place among the tenant's waiting batches, from 1
 
 
+class ProgressSample(WireModel):
+    """A batch's counts at one moment (unix seconds)."""
+
+    t: float
+    completed: int
+    failed: int
+
+
+class BatchProgress(WireModel):
+    """`GET /v1/batches/{id}/progress`, a batchgate extension: the batch's progress over time, with the rate over
+    its last seconds and the time left at that rate (null when the batch is not running)."""
+
+    object: Literal["list"] = "list"
+    data: list[ProgressSample]
+    requests_per_second: float | None = None
+    eta_seconds: float | None = None
+
+
 class ListPage(WireModel, Generic[T]):
     object: Literal["list"] = "list"
     data: list[T]

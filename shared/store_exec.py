@@ -15,6 +15,11 @@ import redis
 
 from shared import keys, lua
 
+# A batch's progress history (shared/progress.py): at most one sample every SAMPLE_GAP_MS (more once the run is long),
+# at most SAMPLES_MAX kept.
+SAMPLE_GAP_MS = 2000
+SAMPLES_MAX = 500
+
 
 @dataclass(frozen=True)
 class ChunkSpec:
@@ -101,6 +106,7 @@ class ExecutionStore:
     def __init__(self, client: redis.Redis) -> None:
         self._commit_segment = client.register_script(lua.COMMIT_SEGMENT)
         self._commit_chunk = client.register_script(lua.COMMIT_CHUNK)
+        self._sample_progress = client.register_script(lua.SAMPLE_PROGRESS)
         self._reset_progress = client.register_script(lua.RESET_PROGRESS)
         self._bitmap_hex = client.register_script(lua.BITMAP_HEX)
         self._renew_lease = client.register_script(lua.RENEW_LEASE)
@@ -177,10 +183,14 @@ class ExecutionStore:
     def commit_segment(self, batch_id: str, index: int, token: str, segment: Segment, lease_s: float) -> None:
         """Record a segment whose blobs are written; renews the lease. Raises SegmentRejected when fenced off."""
         bk = keys.BatchKeys(batch_id)
-        result = self._commit_segment(
+        pipe = self.r.pipeline(transaction=False)
+        self._commit_segment(
             keys=[bk.lease(index), bk.finished(index), bk.segments(index), bk.progress, bk.done],
             args=[token, index, segment.encode(), segment.out, segment.err, int(lease_s * 1000), *segment.pos],
+            client=pipe,
         )
+        self.queue_progress_sample(pipe, batch_id)
+        result, _ = pipe.execute()
         if int(result) != 1:
             raise SegmentRejected(f"{batch_id} chunk {index}: segment refused ({result})")
 
@@ -189,9 +199,35 @@ class ExecutionStore:
         """Record a chunk's final counts once, fenced by the lease. Returns (this call committed it, every chunk
         is now committed)."""
         bk = keys.BatchKeys(batch_id)
-        committed, done, total = self._commit_chunk(
-            keys=[bk.lease(index), bk.done, bk.counts, bk.progress], args=[token, index, commit.encode(), n_chunks])
+        pipe = self.r.pipeline(transaction=False)
+        self._commit_chunk(keys=[bk.lease(index), bk.done, bk.counts, bk.progress],
+                           args=[token, index, commit.encode(), n_chunks], client=pipe)
+        self.queue_progress_sample(pipe, batch_id, n_chunks)
+        (committed, done, total), _ = pipe.execute()
         return int(committed) == 1, int(done) >= int(total)
+
+    # ---- progress history -------------------------------------------------------------------------------------
+
+    def queue_progress_sample(self, pipe, batch_id: str, n_chunks: int = 0, *, gap_ms: int = SAMPLE_GAP_MS,
+                              max_samples: int = SAMPLES_MAX) -> None:
+        """Queue a throttled sample of the batch's live counts on a pipeline (always taken once every chunk of
+        `n_chunks` has committed)."""
+        bk = keys.BatchKeys(batch_id)
+        self._sample_progress(keys=[bk.history, bk.counts, bk.progress, bk.done],
+                              args=[gap_ms, max_samples, n_chunks], client=pipe)
+
+    def sample_progress(self, batch_id: str, **kwargs) -> bool:
+        pipe = self.r.pipeline(transaction=False)
+        self.queue_progress_sample(pipe, batch_id, **kwargs)
+        return bool(pipe.execute()[0])
+
+    def progress_samples(self, batch_id: str) -> list[tuple[float, int, int]]:
+        """The batch's history: (unix time, completed, failed), oldest first."""
+        out = []
+        for raw in self.r.lrange(keys.BatchKeys(batch_id).history, 0, -1):
+            t_ms, completed, failed = raw.split(":")
+            out.append((int(t_ms) / 1000, int(completed), int(failed)))
+        return out
 
     # ---- what the sweeper reads -------------------------------------------------------------------------------
 

@@ -7,11 +7,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response, StreamingResponse
 
 from api.deps import BatchReaderDep, BlobsDep, PrincipalDep, ProvidersDep, SettingsDep, StoreDep
-from shared import batch_service, file_service
+from shared import batch_service, file_service, progress
 from shared.errors import InvalidRequest, NotFound
 from shared.providers import ProviderRegistry
 from shared.queue import enqueue_orchestrate
-from shared.schemas import Batch, BatchCreateRequest, ListPage
+from shared.schemas import Batch, BatchCreateRequest, BatchProgress, ListPage
 from shared.scope import Principal
 from shared.settings import Settings
 from shared.store import Store
@@ -101,6 +101,12 @@ async def retrieve_batch(batch_id: str, principal: PrincipalDep, reader: BatchRe
 @singular_router.post("/batch/{batch_id}/cancel", response_model=Batch)
 def cancel_batch(batch_id: str, principal: PrincipalDep, store: StoreDep) -> Batch:
     return batch_service.cancel_batch(store, principal.scope, batch_id)
+
+
+@router.get("/batches/{batch_id}/progress", response_model=BatchProgress)
+def batch_progress(batch_id: str, principal: PrincipalDep, store: StoreDep) -> BatchProgress:
+    """A batchgate extension: the batch's completed and failed counts over time, its rate and time left."""
+    return progress.batch_progress(store, principal.scope, batch_id)
 
 
 @output_router.get("/batches/{batch_id}/output", response_class=StreamingResponse)
