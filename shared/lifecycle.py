@@ -131,6 +131,8 @@ class BatchState:
     stop: str | None = None  # "cancelled" or "expired": the chunks must stop sending
     completed: int | None = None  # final counts, once terminal
     failed: int | None = None
+    cancelled: int = 0  # of the failed: lines never sent, ended by batch_cancelled / batch_expired
+    expired: int = 0
     usage: dict | None = None
     errors: dict | None = None
     output_file_id: str | None = None
@@ -187,6 +189,7 @@ class BatchRecord:
             provider=f.get("provider") or None, model=f.get("model") or None, total=int(f.get("total") or 0),
             n_chunks=_int(f.get("n_chunks")), stop=f.get("stop") or None,
             completed=_int(f.get("completed")), failed=_int(f.get("failed")), usage=_json(f.get("usage")),
+            cancelled=_int(f.get("cancelled")) or 0, expired=_int(f.get("expired")) or 0,
             errors=_json(f.get("errors")), output_file_id=f.get("output_file_id") or None,
             error_file_id=f.get("error_file_id") or None, dispatched_at=_float(f.get("dispatched_at")),
             orchestrate_sent_at=_float(f.get("orchestrate_sent_at")), finalize_sent_at=_float(f.get("finalize_sent_at")),
@@ -205,7 +208,8 @@ class BatchRecord:
             "status": WIRE_STATUS.get(st.status, st.status),
             "output_file_id": st.output_file_id, "error_file_id": st.error_file_id, "created_at": s.created_at,
             "expires_at": s.expires_at or None,
-            "request_counts": {"total": st.total, "completed": completed, "failed": failed},
+            "request_counts": {"total": st.total, "completed": completed, "failed": failed,
+                               "cancelled": st.cancelled, "expired": st.expired},
             "usage": st.usage, "metadata": s.metadata, "priority": s.priority,
         }
         if st.status == QUEUED:
@@ -229,9 +233,12 @@ class Ending:
     output_file_id: str | None = None
     error_file_id: str | None = None
     errors: list[dict] | None = None
+    cancelled: int = 0  # of the failed: never sent (batch_cancelled), or cut off by the window (batch_expired)
+    expired: int = 0
 
     def fields(self) -> dict[str, str]:
         out = {"completed": str(self.completed), "failed": str(self.failed)}
+        out |= {name: str(n) for name, n in (("cancelled", self.cancelled), ("expired", self.expired)) if n}
         if any(self.usage):
             out["usage"] = orjson.dumps(batch_usage(self.usage)).decode()
         if self.output_file_id:

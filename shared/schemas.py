@@ -59,6 +59,10 @@ class BatchRequestCounts(WireModel):
     total: int = 0
     completed: int = 0
     failed: int = 0
+    # batchgate's extensions: of the failed, the requests never sent because the batch was cancelled
+    # (`batch_cancelled` lines) or its window ran out (`batch_expired`); final once the batch has ended.
+    cancelled: int = 0
+    expired: int = 0
 
 
 class InputTokensDetails(WireModel):

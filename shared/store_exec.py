@@ -43,7 +43,8 @@ class ChunkSpec:
 
 @dataclass(frozen=True)
 class Segment:
-    """Result lines made durable together: `out` output lines and `err` error lines, at chunk positions `pos`."""
+    """Result lines made durable together: `out` output lines and `err` error lines, at chunk positions `pos`; of
+    the error lines, `cancelled` and `expired` were never sent (batch_cancelled, batch_expired)."""
 
     run: str
     seq: int
@@ -51,15 +52,24 @@ class Segment:
     err: int
     usage: list[int]
     pos: list[int]
+    cancelled: int = 0
+    expired: int = 0
+
+    def as_dict(self) -> dict:
+        d = {"run": self.run, "seq": self.seq, "out": self.out, "err": self.err, "usage": self.usage, "pos": self.pos}
+        return d | {k: v for k, v in (("cancelled", self.cancelled), ("expired", self.expired)) if v}
 
     def encode(self) -> str:
-        return orjson.dumps({"run": self.run, "seq": self.seq, "out": self.out, "err": self.err, "usage": self.usage,
-                             "pos": self.pos}).decode()
+        return orjson.dumps(self.as_dict()).decode()
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Segment":
+        return cls(d["run"], d["seq"], d["out"], d["err"], d["usage"], d["pos"], d.get("cancelled", 0),
+                   d.get("expired", 0))
 
     @classmethod
     def decode(cls, raw: str) -> "Segment":
-        d = orjson.loads(raw)
-        return cls(d["run"], d["seq"], d["out"], d["err"], d["usage"], d["pos"])
+        return cls.from_dict(orjson.loads(raw))
 
 
 @dataclass(frozen=True)
@@ -75,13 +85,12 @@ class ChunkCommit:
 
     def encode(self) -> str:
         return orjson.dumps({"completed": self.completed, "failed": self.failed, "usage": self.usage,
-                             "segments": [orjson.loads(s.encode()) for s in self.segments or []], **self.extra}).decode()
+                             "segments": [s.as_dict() for s in self.segments or []], **self.extra}).decode()
 
     @classmethod
     def decode(cls, raw: str) -> "ChunkCommit":
         d = orjson.loads(raw)
-        segments = [Segment(s["run"], s["seq"], s["out"], s["err"], s["usage"], s["pos"]) for s in d["segments"]] \
-            if "segments" in d else None
+        segments = [Segment.from_dict(s) for s in d["segments"]] if "segments" in d else None
         extra = {k: v for k, v in d.items() if k not in ("completed", "failed", "usage", "segments")}
         return cls(d["completed"], d["failed"], d.get("usage") or [0, 0, 0, 0, 0], segments, d.get("run"), extra)
 

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -97,10 +98,12 @@ class SegmentWriter:
     usage: Usage = field(default_factory=Usage)
     finished: set[int] = field(default_factory=set)
     rejected: bool = False
+    codes: Counter = field(default_factory=Counter)  # error codes of the pending lines
 
     def add(self, pos: int, line: ResultLine, body: object = None) -> None:
         self.pending.append((pos, wire.encode(line), line.ok))
         self.finished.add(pos)
+        self.codes[line.error.code if line.error else None] += 1
         if line.ok and body is not None:
             self.usage.add(body)
 
@@ -115,7 +118,8 @@ class SegmentWriter:
             self.rt.blobs.put(segment_key(self.batch_id, self.index, run, seq, "out"), b"\n".join(out) + b"\n")
         if err:
             self.rt.blobs.put(segment_key(self.batch_id, self.index, run, seq, "err"), b"\n".join(err) + b"\n")
-        segment = Segment(run, seq, len(out), len(err), self.usage.as_list(), [pos for pos, _, _ in self.pending])
+        segment = Segment(run, seq, len(out), len(err), self.usage.as_list(), [pos for pos, _, _ in self.pending],
+                          self.codes[STOP_ERRORS["cancelled"][0]], self.codes[STOP_ERRORS["expired"][0]])
         try:
             self.rt.store.commit_segment(self.batch_id, self.index, self.token, segment, self.rt.settings.chunk_lease_s)
         except SegmentRejected:
@@ -123,6 +127,7 @@ class SegmentWriter:
             raise
         self.segments.append(segment)
         self.pending.clear()
+        self.codes.clear()
         self.usage = Usage()
 
     def try_flush(self) -> None:
