@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import httpx
@@ -58,6 +59,12 @@ def test_dashboard_shows_live_progress_errors_and_downloads(make_stack, page):
     assert failing.request_counts.failed == FAILING_REQUESTS and failing.error_file_id
     assert done.status == "completed" and done.output_file_id
     assert invalid.status == "failed"
+    # One cancelled before it could run: its lines are cancelled, not failures.
+    dep.sim_config(latency_ms=200)
+    cancelled = submit(client, chat_lines(40, prefix="cx", model=MODEL))
+    client.batches.cancel(cancelled.id)
+    cancelled = wait_terminal(client, cancelled.id)
+    assert cancelled.status == "cancelled" and cancelled.request_counts.model_extra["cancelled"] > 0
     # And one slow enough to watch: 1,500 requests at 200 ms, at most 2 x 8 in flight.
     dep.sim_config(latency_ms=200)
     running = submit(client, chat_lines(SLOW_REQUESTS, model=MODEL))
@@ -87,7 +94,7 @@ def test_dashboard_shows_live_progress_errors_and_downloads(make_stack, page):
     page.click("#sign-in-button")
     row = page.locator(f'tr[data-batch-id="{running.id}"]')
     expect(row).to_have_attribute("data-status", "in_progress", timeout=20_000)
-    expect(page.locator("tr.batch-row")).to_have_count(4)
+    expect(page.locator("tr.batch-row")).to_have_count(5)
     assert page.locator(f'[data-batch-id="{other_tenant.id}"]').count() == 0
     assert page.locator("tr.batch-row").first.get_attribute("data-batch-id") == running.id  # newest first
 
@@ -100,11 +107,42 @@ def test_dashboard_shows_live_progress_errors_and_downloads(make_stack, page):
         page.screenshot(path=ARTIFACTS / name, full_page=True)
         return done_now, total
 
+    # The running batch shows its rate and the time left, from the history the server keeps.
+    rate = row.locator(".progress .rate")
+    expect(rate).to_contain_text(re.compile(r"\d+(\.\d)? req/s · ETA (\d+m )?\d+s"))
+    assert float(rate.get_attribute("data-rate")) > 0 and float(rate.get_attribute("data-eta")) > 0
+
     first, total = capture("dashboard-1.png")
     page.wait_for_timeout(2500)
     second, _ = capture("dashboard-2.png")
     assert total == SLOW_REQUESTS
     assert 0 <= first < second <= total, (first, second)
+
+    # Cancelled lines are counted apart, never coloured as failures; a refused batch says why in the list.
+    cancelled_progress = page.locator(f'tr[data-batch-id="{cancelled.id}"] .progress')
+    assert int(cancelled_progress.get_attribute("data-cancelled")) == cancelled.request_counts.model_extra["cancelled"]
+    assert cancelled_progress.get_attribute("data-failed") == "0"
+    expect(cancelled_progress.locator(".cancelled")).to_be_visible()
+    assert cancelled_progress.locator(".bad").count() == 0
+    expect(page.locator(f'tr[data-batch-id="{invalid.id}"] td.status .reason')).to_have_text(
+        "invalid_json_line (line 2)")
+    assert page.locator(f'tr[data-batch-id="{failing.id}"] .progress .bad').count() == 1
+
+    # The running batch's page draws its progress over time from the start, with its rate and ETA.
+    page.goto(f"{ui}#/batches/{running.id}")
+    expect(page.locator("#batch-view")).to_have_attribute("data-batch-id", running.id)
+    expect(page.locator("#progress-svg")).to_be_visible()
+    page.wait_for_function("Number(document.querySelector('#progress-svg')?.dataset.points) >= 4", timeout=10_000)
+    completed_line = page.locator("#progress-svg polyline.series-completed")
+    xs = [float(pair.split(",")[0]) for pair in completed_line.get_attribute("points").split()]
+    ys = [float(pair.split(",")[1]) for pair in completed_line.get_attribute("points").split()]
+    assert xs == sorted(xs) and ys[0] > ys[-1], (xs, ys)  # left to right in time, rising (SVG's y points down)
+    expect(page.locator("#batch-summary .rate")).to_contain_text("req/s")
+    expect(page.locator("#batch-summary")).not_to_contain_text("null")
+    expect(page.locator("#batch-view")).to_have_attribute("data-status", "in_progress")
+    page.screenshot(path=ARTIFACTS / "batch-running.png", full_page=True)
+    page.goto(ui)
+    expect(page.locator("tr.batch-row")).to_have_count(5)
 
     # At 1400 px the whole table fits: nothing scrolls sideways, and the last column's links are on screen.
     wrap = page.locator(".table-wrap")
@@ -156,5 +194,5 @@ def test_dashboard_shows_live_progress_errors_and_downloads(make_stack, page):
     expect(page.locator("#batches tbody tr")).to_have_count(0)
 
     assert script_errors == []
-    for name in ("dashboard-1.png", "dashboard-2.png", "batch-errors.png"):
+    for name in ("dashboard-1.png", "dashboard-2.png", "batch-running.png", "batch-errors.png"):
         assert (ARTIFACTS / name).stat().st_size > 0

@@ -86,6 +86,19 @@ async function listBatches() {
   return batches.sort((a, b) => b.created_at - a.created_at);
 }
 
+// A batch's progress over time (a batchgate extension): {data: [{t, completed, failed}], requests_per_second,
+// eta_seconds}. Rate and ETA are measured by the server over the last seconds of the history it keeps.
+const getProgress = (id) => getJSON(`/v1/batches/${enc(id)}/progress`);
+
+// The list with each running batch's rate and ETA.
+async function listWithRates() {
+  const batches = await listBatches();
+  const running = batches.filter((b) => b.status === "in_progress");
+  const answers = await Promise.all(running.map((b) => getProgress(b.id).catch(() => null)));
+  const rates = new Map(running.map((b, i) => [b.id, answers[i]]));
+  return batches.map((batch) => ({ batch, progress: rates.get(batch.id) ?? null }));
+}
+
 // The first `count` lines of a file, read from the stream so a large file is not fetched whole.
 async function firstLines(fileId, count) {
   const response = await api(`/v1/files/${enc(fileId)}/content`);
@@ -141,25 +154,50 @@ function timestamp(seconds, stacked = false) {
   return el("time", props, when.toLocaleTimeString(), el("div", { class: "muted small" }, when.toLocaleDateString()));
 }
 
-function progress(counts = {}) {
-  const { total = 0, completed = 0, failed = 0 } = counts;
+// `failed` counts every line of the error file, as OpenAI's does; batchgate also says how many of them were never
+// sent because the batch was cancelled or expired, and those are not shown as failures.
+function progress(counts = {}, rates = null) {
+  const { total = 0, completed = 0, failed = 0, cancelled = 0, expired = 0 } = counts;
+  const errored = Math.max(0, failed - cancelled - expired);
   const done = completed + failed;
   const percent = total ? Math.floor((100 * done) / total) : 0;
+  const parts = [
+    el("span", { class: "ok" }, `${number.format(completed)} completed`),
+    " · ",
+    el("span", { class: errored ? "bad failed" : "failed" }, `${number.format(errored)} failed`),
+  ];
+  if (cancelled) parts.push(" · ", el("span", { class: "stopped cancelled" }, `${number.format(cancelled)} cancelled`));
+  if (expired) parts.push(" · ", el("span", { class: "stopped expired" }, `${number.format(expired)} expired`));
+  parts.push(" · ", `${number.format(total)} total`);
   return el(
     "div",
-    { class: "progress", dataset: { completed, failed, total, done } },
+    { class: "progress", dataset: { completed, failed: errored, cancelled, expired, total, done } },
     el("progress", { max: Math.max(total, 1), value: done }),
     el("span", { class: "percent" }, `${percent}%`),
-    el(
-      "div",
-      { class: "counts" },
-      el("span", { class: "ok" }, `${number.format(completed)} completed`),
-      " · ",
-      el("span", { class: failed ? "bad" : "" }, `${number.format(failed)} failed`),
-      " · ",
-      `${number.format(total)} total`,
-    ),
+    el("div", { class: "counts" }, ...parts),
+    rates ? rateLine(rates) : null,
   );
+}
+
+// "12.5 req/s · ETA 3m 05s", from the server's history of the batch.
+function rateLine(p) {
+  const perSecond = p.requests_per_second;
+  const eta = p.eta_seconds;
+  const text = [
+    perSecond === null || perSecond === undefined ? "measuring…" : `${perSecond.toFixed(perSecond < 10 ? 1 : 0)} req/s`,
+    eta === null || eta === undefined ? "ETA —" : `ETA ${duration(eta)}`,
+  ].join(" · ");
+  return el("div", { class: "rate", dataset: { rate: perSecond ?? "", eta: eta ?? "" } }, text);
+}
+
+// Why a failed batch failed: its first error, with the line it is about.
+function failureReason(batch) {
+  const problems = batch.errors?.data ?? [];
+  if (batch.status !== "failed" || problems.length === 0) return null;
+  const first = problems[0];
+  const where = first.line ? ` (line ${first.line})` : "";
+  const more = problems.length > 1 ? ` +${problems.length - 1} more` : "";
+  return el("div", { class: "reason small", title: first.message ?? "" }, `${first.code ?? "error"}${where}${more}`);
 }
 
 // "1h 02m", "3m 05s", "12s".
@@ -209,7 +247,7 @@ function files(batch) {
 
 // ---- the list of batches -----------------------------------------------------------------------
 
-function batchRow(batch) {
+function batchRow({ batch, progress: rates }) {
   const open = (event) => {
     if (!event.target.closest("a, button")) location.hash = batchHref(batch.id);
   };
@@ -217,8 +255,8 @@ function batchRow(batch) {
     "tr",
     { class: "batch-row", dataset: { batchId: batch.id, status: batch.status }, onclick: open },
     el("td", {}, el("a", { href: batchHref(batch.id), class: "mono batch-link" }, batch.id)),
-    el("td", {}, badge(batch.status)),
-    el("td", {}, progress(batch.request_counts)),
+    el("td", { class: "status" }, badge(batch.status), failureReason(batch)),
+    el("td", {}, progress(batch.request_counts, rates)),
     el("td", { class: "model" }, batch.model || "—"),
     el("td", {}, timestamp(batch.created_at, true)),
     el("td", {}, ran(batch)),
@@ -228,14 +266,15 @@ function batchRow(batch) {
 }
 
 const listView = {
-  load: listBatches,
-  render(batches) {
+  load: listWithRates,
+  render(items) {
     const kept = new Map();
-    const rows = batches.map((batch) => {
-      const json = JSON.stringify(batch);
-      const cached = rowCache.get(batch.id);
-      const row = cached && cached.json === json ? cached.row : batchRow(batch);
-      kept.set(batch.id, { json, row });
+    const batches = items.map((item) => item.batch);
+    const rows = items.map((item) => {
+      const json = JSON.stringify(item);
+      const cached = rowCache.get(item.batch.id);
+      const row = cached && cached.json === json ? cached.row : batchRow(item);
+      kept.set(item.batch.id, { json, row });
       return row;
     });
     rowCache = kept;
@@ -245,6 +284,56 @@ const listView = {
     return batches.some((b) => !TERMINAL.has(b.status));
   },
 };
+
+// ---- the progress chart: completed and failed against time, drawn as inline SVG -----------------
+
+const SVG = "http://www.w3.org/2000/svg";
+
+function svg(tag, attrs = {}, ...children) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [name, value] of Object.entries(attrs)) node.setAttribute(name, String(value));
+  for (const child of children) node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  return node;
+}
+
+function chart(points, batch) {
+  const width = 720;
+  const height = 220;
+  const pad = { left: 56, right: 16, top: 12, bottom: 28 };
+  const t0 = points[0].t;
+  const span = Math.max(points[points.length - 1].t - t0, 1);
+  const top = Math.max(batch.request_counts?.total ?? 0, ...points.map((p) => p.completed + p.failed), 1);
+  const x = (t) => pad.left + ((t - t0) / span) * (width - pad.left - pad.right);
+  const y = (n) => height - pad.bottom - (n / top) * (height - pad.top - pad.bottom);
+  const line = (value, cls, color) =>
+    svg("polyline", {
+      class: cls, fill: "none", stroke: color, "stroke-width": 2, "stroke-linejoin": "round",
+      points: points.map((p) => `${x(p.t).toFixed(1)},${y(value(p)).toFixed(1)}`).join(" "),
+    });
+  const grid = [0, 0.5, 1].map((f) =>
+    svg("g", {},
+      svg("line", { x1: pad.left, x2: width - pad.right, y1: y(top * f), y2: y(top * f), stroke: "#e3e6eb" }),
+      svg("text", { x: pad.left - 6, y: y(top * f) + 4, "text-anchor": "end", "font-size": 11, fill: "#6b7280" },
+        number.format(Math.round(top * f)))));
+  const axis = [
+    svg("text", { x: pad.left, y: height - 8, "font-size": 11, fill: "#6b7280" },
+      new Date(t0 * 1000).toLocaleTimeString()),
+    svg("text", { x: width - pad.right, y: height - 8, "text-anchor": "end", "font-size": 11, fill: "#6b7280" },
+      `+${duration(span)}`),
+  ];
+  const last = points[points.length - 1];
+  return svg(
+    "svg",
+    { id: "progress-svg", viewBox: `0 0 ${width} ${height}`, width, height, role: "img",
+      "aria-label": `${last.completed} completed and ${last.failed} failed over ${duration(span)}`,
+      "data-points": points.length },
+    ...grid, ...axis,
+    line((p) => p.completed, "series-completed", "#1f8a4c"),
+    line((p) => p.failed, "series-failed", "#c0392b"),
+    svg("text", { x: pad.left + 8, y: pad.top + 12, "font-size": 12, fill: "#1f8a4c" }, "completed"),
+    svg("text", { x: pad.left + 88, y: pad.top + 12, "font-size": 12, fill: "#c0392b" }, "failed"),
+  );
+}
 
 // ---- one batch ---------------------------------------------------------------------------------
 
@@ -287,18 +376,26 @@ function batchView(id) {
   return {
     async load() {
       const batch = await getJSON(`/v1/batches/${enc(id)}`);
-      return { batch, lines: batch.error_file_id ? await errorLines(batch.error_file_id) : [] };
+      const [lines, history] = await Promise.all([
+        batch.error_file_id ? errorLines(batch.error_file_id) : [],
+        batch.in_progress_at ? getProgress(batch.id).catch(() => null) : null,
+      ]);
+      return { batch, lines, history };
     },
-    render({ batch, lines }) {
+    render({ batch, lines, history }) {
       $("batch-title").textContent = batch.id;
       const view = $("batch-view");
       view.dataset.batchId = batch.id;
       view.dataset.status = batch.status;
-      $("batch-summary").replaceChildren(
+      const summary = [
         el("div", { class: "summary-row" }, badge(batch.status), el("span", {}, batch.model || ""),
           el("span", { class: "files" }, ...files(batch))),
-        progress(batch.request_counts),
-      );
+        progress(batch.request_counts, batch.status === "in_progress" ? history : null),
+        failureReason(batch),
+      ];
+      $("batch-summary").replaceChildren(...summary.filter(Boolean));
+      $("chart-section").hidden = !history || history.data.length < 2;
+      $("progress-chart").replaceChildren(history && history.data.length >= 2 ? chart(history.data, batch) : "");
       $("batch-fields").replaceChildren(
         ...Object.entries(batch).flatMap(([name, value]) => [el("dt", {}, name), el("dd", {}, fieldValue(name, value))]),
       );
@@ -370,7 +467,7 @@ function signOut(message) {
   rowCache = new Map();
   errorLinesCache = null;
   for (const id of ["batches", "validation-errors", "error-lines"]) $(id).tBodies[0].replaceChildren();
-  for (const id of ["batch-title", "batch-summary", "batch-fields", "who", "updated"]) $(id).replaceChildren();
+  for (const id of ["batch-title", "batch-summary", "batch-fields", "progress-chart", "who", "updated"]) $(id).replaceChildren();
   $("sign-out").hidden = true;
   showError(message);
   showOnly("sign-in");
