@@ -225,3 +225,35 @@ def test_finalize_turns_a_lost_segment_into_result_lost_lines(store, tmp_path):
     assert (batch.request_counts.completed, batch.request_counts.failed) == (2, 2)
     errors = [orjson.loads(line) for line in rt.blobs.open(f"files/{batch.error_file_id}").read().splitlines()]
     assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [("r2", "result_lost"), ("r3", "result_lost")]
+
+
+def test_a_segment_whose_commit_reply_was_lost_keeps_exactly_its_lines(store, tmp_path):
+    """Redis applied the commit but the reply never came (it went down just after): the retry must not rewrite the
+    recorded segment's blobs, or finalize would join lines that a later run writes again."""
+    from shared import lines as wire
+    from workers.chunk import SegmentWriter
+    from shared.store_exec import SegmentRejected
+
+    rt = _runtime(store, tmp_path)
+    store.put_batch(_spec())
+    store.save_plan("batch_1", [ChunkSpec(0, 0, 10, 1, 4)], {"total": "4"})
+    assert store.acquire_lease("batch_1", 0, "tok", 5)
+    writer = SegmentWriter(rt, "batch_1", 0, "tok")
+    applied = store.commit_segment
+
+    def reply_lost(*args, **kwargs):
+        applied(*args, **kwargs)
+        raise ConnectionError("Connection closed by server.")
+
+    writer.add(0, wire.error_line("batch_1", 1, "r0", "x", "first"))
+    store.commit_segment = reply_lost
+    writer.try_flush()  # recorded in Redis, unknown to the writer: the line stays pending
+    store.commit_segment = applied
+    writer.add(1, wire.error_line("batch_1", 2, "r1", "x", "second"))
+    with pytest.raises(SegmentRejected):
+        writer.flush()  # position 0 is durable already: refused, and this run stops
+
+    [segment] = store.segments("batch_1", 0)
+    assert segment.pos == [0]
+    blob = rt.blobs.open(segment_key("batch_1", 0, "tok", segment.seq, "err")).read()
+    assert [orjson.loads(line)["custom_id"] for line in blob.splitlines()] == ["r0"]

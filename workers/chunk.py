@@ -98,6 +98,7 @@ class SegmentWriter:
     usage: Usage = field(default_factory=Usage)
     finished: set[int] = field(default_factory=set)
     rejected: bool = False
+    attempts: int = 0
     codes: Counter = field(default_factory=Counter)  # error codes of the pending lines
 
     def add(self, pos: int, line: ResultLine, body: object = None) -> None:
@@ -110,7 +111,10 @@ class SegmentWriter:
     def flush(self) -> None:
         if not self.pending or self.rejected:
             return
-        seq = len(self.segments)
+        # Every attempt writes blobs of its own: a commit whose reply was lost may have been recorded, and its blobs
+        # must then stay exactly as recorded (the retry's positions are refused, and the next run carries on).
+        seq = self.attempts
+        self.attempts += 1
         out = [raw for _, raw, ok in self.pending if ok]
         err = [raw for _, raw, ok in self.pending if not ok]
         run = self.token
