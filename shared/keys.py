@@ -27,6 +27,11 @@ SCHED_WAITING_PREFIX = f"{PREFIX}:sched:waiting:"  # + tenant -> zset queued bat
 SCHED_ENQUEUED = f"{PREFIX}:sched:enqueued"  # hash tenant -> requests of its admitted, unfinished batches
 
 
+def stopping_node(node: str) -> str:
+    """Set while a worker node shuts down: its runners take no new chunk."""
+    return f"{PREFIX}:sched:stopping:{node}"
+
+
 def sched_batches(tenant: str) -> str:
     return f"{SCHED_BATCHES_PREFIX}{tenant}"
 

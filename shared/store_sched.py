@@ -52,6 +52,20 @@ class SchedulerStore:
         batch_id, index, tenant = got
         return Taken(batch_id, int(index), tenant)
 
+    def mark_stopping(self, node: str, ttl_s: int) -> None:
+        self.r.set(keys.stopping_node(node), "1", ex=ttl_s)
+
+    def clear_stopping(self, node: str) -> None:
+        self.r.delete(keys.stopping_node(node))
+
+    def should_hand_over(self, node: str, control_queue: str) -> bool:
+        """Whether a runner on `node` should take no new chunk: control messages wait, or the node is stopping."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.llen(control_queue)
+        pipe.exists(keys.stopping_node(node))
+        waiting, stopping = pipe.execute()
+        return bool(waiting) or bool(stopping)
+
     def ready_chunks(self, batch_id: str) -> set[int]:
         return {int(i) for i in self.r.lrange(keys.BatchKeys(batch_id).ready, 0, -1)}
 

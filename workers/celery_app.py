@@ -11,6 +11,7 @@ from celery.signals import (
     task_prerun,
     worker_process_init,
     worker_process_shutdown,
+    worker_shutting_down,
 )
 from kombu.transport import redis as kombu_redis
 
@@ -139,3 +140,14 @@ def _close_process(**_: object) -> None:
     from workers.runtime import close_runtime
 
     close_runtime()
+
+
+@worker_shutting_down.connect
+def _stop_taking_chunks(sender: object = None, **_: object) -> None:
+    # Runners on this node finish the chunks in hand and take no more; other nodes take the rest.
+    from shared.store import Store
+
+    try:
+        Store.from_url(get_settings().redis_url, timeout_s=2).mark_stopping(str(sender), 600)
+    except Exception:  # noqa: BLE001 - without Redis the runners stop at their budget instead
+        pass

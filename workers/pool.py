@@ -38,6 +38,10 @@ class PoolAnnouncer(bootsteps.StartStopStep):
 
     def start(self, worker) -> None:
         self.store = Store.from_url(get_settings().redis_url)
+        try:
+            self.store.clear_stopping(worker.hostname)  # a node of this name that stopped before is back
+        except STORAGE_ERROR:
+            pass
         self._announce(worker)
         self.timer_ref = worker.timer.call_repeatedly(ANNOUNCE_EVERY_S, self._announce, (worker,), priority=10)
 

@@ -8,7 +8,8 @@ at the next take of any process, not after the big one's backlog.
 
 A runner also hands its process back to Celery when control messages (orchestrate, finalize, the sweep) are waiting
 and every process is serving chunks: it takes no new chunk, lets its last ones finish and sends a ticket to carry on.
-So a new batch's orchestrate waits about one chunk's time, never a runner's whole budget.
+So a new batch's orchestrate waits about one chunk's time, never a runner's whole budget. A node that is shutting
+down has its runners take no new chunk either, so a warm shutdown waits only for the chunks in hand.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ async def serve(rt: Runtime, node: str, budget_s: float, finished_batch: Callabl
     out_of_time = False
     try:
         while True:
-            if time.monotonic() >= deadline or rt.store.queue_depth(CONTROL_QUEUE) > 0:
+            if time.monotonic() >= deadline or rt.store.should_hand_over(node, CONTROL_QUEUE):
                 out_of_time = True
                 break
             taken = rt.store.take_chunk(time.time())

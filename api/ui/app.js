@@ -200,6 +200,13 @@ function failureReason(batch) {
   return el("div", { class: "reason small", title: first.message ?? "" }, `${first.code ?? "error"}${where}${more}`);
 }
 
+// Where a batch waiting for room under its tenant's cap stands (extension fields queue_position, queued_reason).
+function queueNote(batch) {
+  if (batch.queue_position == null) return null;
+  return el("div", { class: "reason small queued", title: batch.queued_reason ?? "", dataset: { queuePosition: batch.queue_position } },
+    `waiting: #${batch.queue_position} in line`);
+}
+
 // "1h 02m", "3m 05s", "12s".
 function duration(seconds) {
   const s = Math.max(0, Math.round(seconds));
@@ -255,7 +262,7 @@ function batchRow({ batch, progress: rates }) {
     "tr",
     { class: "batch-row", dataset: { batchId: batch.id, status: batch.status }, onclick: open },
     el("td", {}, el("a", { href: batchHref(batch.id), class: "mono batch-link" }, batch.id)),
-    el("td", { class: "status" }, badge(batch.status), failureReason(batch)),
+    el("td", { class: "status" }, badge(batch.status), failureReason(batch), queueNote(batch)),
     el("td", {}, progress(batch.request_counts, rates)),
     el("td", { class: "model" }, batch.model || "—"),
     el("td", {}, timestamp(batch.created_at, true)),
@@ -392,6 +399,8 @@ function batchView(id) {
           el("span", { class: "files" }, ...files(batch))),
         progress(batch.request_counts, batch.status === "in_progress" ? history : null),
         failureReason(batch),
+        queueNote(batch),
+        batch.queued_reason ? el("p", { class: "small muted" }, batch.queued_reason) : null,
       ];
       $("batch-summary").replaceChildren(...summary.filter(Boolean));
       $("chart-section").hidden = !history || history.data.length < 2;
