@@ -143,11 +143,14 @@ class Settings(BaseSettings):
     # Celery reliability.
     visibility_timeout_s: int = Field(default=1800, description="Redis visibility timeout of broker and results "
                                       "alike; keep it well over chunk_time_limit_s")
-    chunk_time_limit_s: int = Field(default=600, description="a chunk task's hard time limit")
+    chunk_time_limit_s: int = Field(default=600, description="a chunk run's time limit: requests not done by 90% "
+                                    "of it end as request_timeout lines (a ticket's task may run this plus "
+                                    "runner_budget_s)")
     sweep_interval_s: float = Field(default=30.0, description="how often the sweeper (celery beat) looks at every "
                                     "active batch: expiry, lost chunks and finalizes, clean-up, expired files")
-    redrive_after_s: float = Field(default=60.0, description="the sweeper re-sends an orchestrate, chunk or "
-                                   "finalize message unanswered this long")
+    redrive_after_s: float = Field(default=60.0, description="the sweeper re-sends an orchestrate or finalize "
+                                   "message unanswered this long, and releases again a chunk taken this long ago "
+                                   "that no run holds")
     cleanup_delay_s: float = Field(
         default=900.0, description="how long a finished batch's working blobs and keys are kept, so that a Redis "
         "restored a little older (failover, AOF everysec) can still finish the batch from them")
