@@ -21,6 +21,7 @@ from typing import Callable
 
 from shared.lifecycle import BatchRecord
 from shared.queue import CONTROL_QUEUE
+from shared.store_client import STORAGE_ERROR
 from workers import chunk
 from workers.runtime import Runtime
 
@@ -53,24 +54,30 @@ async def _run_taken(rt: Runtime, batch_id: str, index: int, node: str, drained:
 
 async def serve(rt: Runtime, node: str, budget_s: float, finished_batch: Callable[[str], None]) -> bool:
     """Run chunks until none is ready, `budget_s` has passed or control messages wait. True when it stopped early
-    (chunks may be left for another ticket)."""
+    (chunks may be left for another ticket). Every ticket runs at least one chunk that is ready, so handing over
+    always makes progress."""
     deadline = time.monotonic() + budget_s
     running: set[asyncio.Task] = set()
-    out_of_time = False
+    taken_any = False
     try:
-        while True:
-            if time.monotonic() >= deadline or rt.store.should_hand_over(node, CONTROL_QUEUE):
-                out_of_time = True
-                break
-            taken = rt.store.take_chunk(time.time())
+        while time.monotonic() < deadline:
+            try:
+                if taken_any and rt.store.should_hand_over(node, CONTROL_QUEUE):
+                    return True
+                taken = rt.store.take_chunk(time.time())
+            except STORAGE_ERROR:
+                log.warning("the scheduler is unreachable; trying again", exc_info=True)
+                await asyncio.sleep(1.0)
+                continue
             if taken is None:
-                break
+                return False
+            taken_any = True
             drained = asyncio.Event()
             task = asyncio.create_task(_run_taken(rt, taken.batch_id, taken.index, node, drained, finished_batch))
             running.add(task)
             task.add_done_callback(running.discard)
             await drained.wait()
+        return True
     finally:
         if running:
             await asyncio.gather(*running, return_exceptions=True)
-    return out_of_time
