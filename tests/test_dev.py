@@ -26,19 +26,21 @@ BATCHGATE = str(Path(sys.executable).parent / "batchgate")
 class Dev:
     """A `batchgate dev` subprocess on free ports, its console captured to files."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, sim_port: int | None = None, data_dir: bool = True,
+                 env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> None:
         self.root = root
         self.api_port = procs.free_port()
-        self.sim_port = procs.free_port()
+        self.sim_port = sim_port or procs.free_port()
         self.stdout_path = root / "stdout.txt"
         self.stderr_path = root / "stderr.txt"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHGATE_")}  # its own Redis, its simulator
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHGATE_")}  # its own Redis, simulator
+        full_env.update(env or {})
+        command = [BATCHGATE, "dev", "--port", str(self.api_port), "--simulator-port", str(self.sim_port),
+                   "--latency-ms", "5", *args]
+        if data_dir:
+            command += ["--data-dir", str(root / "data")]
         with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
-            self.proc = subprocess.Popen(
-                [BATCHGATE, "dev", "--port", str(self.api_port), "--simulator-port", str(self.sim_port),
-                 "--data-dir", str(root / "data"), "--latency-ms", "5"],
-                env=env, stdout=out, stderr=err, start_new_session=True,
-            )
+            self.proc = subprocess.Popen(command, env=full_env, stdout=out, stderr=err, start_new_session=True)
 
     @property
     def stdout(self) -> str:
@@ -127,3 +129,54 @@ def test_dev_restarts_a_killed_child_and_stops_everything_when_one_keeps_dying(d
     time.sleep(0.5)
     assert [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == [], \
         "dev left processes running"
+
+
+# ---- ports ----------------------------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_make_run_passes_port_and_simulator_port_to_dev():
+    printed = subprocess.run(["make", "-n", "run", "PORT=8080", "SIMULATOR_PORT=9091"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout
+    assert "batchgate dev --port 8080 --simulator-port 9091" in printed
+    default = subprocess.run(["make", "-n", "run"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "batchgate dev --port 8000 --simulator-port 8001" in default
+
+
+def test_dev_moves_the_simulator_when_its_port_is_taken(tmp_path):
+    with socket.socket() as squatter:  # a program already listening on the simulator's port (8001 for a user)
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        dev = Dev(tmp_path, sim_port=taken)
+        try:
+            dev.wait_for("Ctrl-C stops everything.", timeout=60, stream="stdout")
+            out = dev.stdout
+            assert f"port {taken} is taken; the simulator uses " in out
+            moved = int(out.split("the simulator uses ")[1].split()[0])
+            assert moved != taken
+            assert f"simulator (the default upstream) at http://127.0.0.1:{moved}/v1" in out
+            assert f"batchgate API at http://127.0.0.1:{dev.api_port}/v1" in out
+            # The workers send to the port the simulator got, and a batch runs end to end.
+            worker = dev.child("celery -A workers.celery_app worker")
+            assert worker.environ()["BATCHGATE_UPSTREAM_BASE_URL"] == f"http://127.0.0.1:{moved}/v1"
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{dev.api_port}/v1", api_key=DEV_API_KEY)
+            batch = wait_terminal(client, submit(client, chat_lines(20)).id, timeout=60)
+            assert batch.status == "completed" and batch.request_counts.completed == 20
+            assert dev.proc.poll() is None
+        finally:
+            dev.stop()
+
+
+def test_dev_refuses_an_api_port_in_use(tmp_path):
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHGATE_")}
+        done = subprocess.run([BATCHGATE, "dev", "--port", str(port), "--data-dir", str(tmp_path / "data")],
+                              env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert f"port {port} is in use" in done.stderr and "PORT=" in done.stderr
+    assert "batchgate API at" not in done.stdout
