@@ -44,10 +44,12 @@ def dev(
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     log_dir = data_dir / "logs"
-    children = SupervisedGroup(stack.ProcessGroup(log_dir=log_dir), RestartPolicy(),
-                               report=lambda line: typer.echo(line, err=True))
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # Every child dies with dev, however dev ends (kill -9 too); Ctrl-C, SIGTERM and a closed terminal (SIGHUP)
+    # stop them in order first. From here on, any of the three ends up in `finally`, even during start-up.
+    children = SupervisedGroup(stack.ProcessGroup(log_dir=log_dir, die_with_parent=True), RestartPolicy(),
+                               report=lambda line: _say(line, err=True))
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGINT even when started with it ignored
+        signal.signal(signum, signal.default_int_handler)
     try:
         redis_url = os.environ.get("BATCHGATE_REDIS_URL")
         if not redis_url:
@@ -100,9 +102,17 @@ def dev(
         typer.echo(f"stopping: {exc}; see {log_dir}/", err=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
-        typer.echo("stopping…")
+        _say("stopping…")
     finally:
         children.stop_all()
+
+
+def _say(line: str, err: bool = False) -> None:
+    """Print to the console, which may be gone (a closed terminal): dev still stops its children."""
+    try:
+        typer.echo(line, err=err)
+    except OSError:
+        pass
 
 
 for _name, _command in client.COMMANDS.items():

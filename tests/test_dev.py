@@ -180,3 +180,63 @@ def test_dev_refuses_an_api_port_in_use(tmp_path):
     assert done.returncode == 1
     assert f"port {port} is in use" in done.stderr and "PORT=" in done.stderr
     assert "batchgate API at" not in done.stdout
+
+
+# ---- dev's children end with it --------------------------------------------------------------------------------
+
+
+def _alive(processes: list[psutil.Process]) -> list[psutil.Process]:
+    alive = []
+    for proc in processes:
+        try:
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.parametrize("how", ["SIGHUP when running", "SIGTERM during start-up", "SIGKILL when running"])
+def test_no_child_outlives_dev(tmp_path, how):
+    dev = Dev(tmp_path)
+    try:
+        if how == "SIGTERM during start-up":
+            # As soon as redis-server, the simulator and a worker run, before the API answers.
+            deadline = time.monotonic() + 60
+            while not any("celery" in " ".join(p.cmdline()) for p in _alive(dev.descendants())):
+                assert time.monotonic() < deadline and dev.proc.poll() is None, dev.stderr
+                time.sleep(0.02)
+            assert "batchgate API at" not in dev.stdout
+        else:
+            dev.wait_for("Ctrl-C stops everything.", timeout=60, stream="stdout")
+            time.sleep(1)  # the worker's pool is up
+        children = dev.descendants()
+        assert len(children) >= 3
+        if how.startswith("SIGHUP"):
+            dev.proc.send_signal(signal.SIGHUP)
+        elif how.startswith("SIGTERM"):
+            dev.proc.send_signal(signal.SIGTERM)
+        else:
+            dev.proc.kill()
+        signalled = time.monotonic()
+        dev.proc.wait(timeout=30)
+        while _alive(children) and time.monotonic() - signalled < 15:
+            time.sleep(0.05)
+        took = time.monotonic() - signalled
+        left = [" ".join(p.cmdline()) for p in _alive(children)]
+        assert left == [], f"{how}: dev left {left}"
+        print(f"{how}: {len(children)} children gone {took:.2f}s after the signal")
+        if how != "SIGTERM during start-up":
+            assert not _listening(dev.api_port) and not _listening(dev.sim_port)
+        if how.startswith("SIGKILL"):
+            assert took < 5
+        else:
+            assert "stopping…" in dev.stdout
+    finally:
+        dev.stop()
