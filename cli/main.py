@@ -26,7 +26,8 @@ def main() -> None:
 def dev(
     port: int = typer.Option(8000, help="Port of the API."),
     workers: int = typer.Option(2, help="Worker processes."),
-    data_dir: Path = typer.Option(Path("./data"), help="Where files, logs and the private Redis keep their data."),
+    data_dir: Path = typer.Option(Path("./data"), envvar="BATCHGATE_DATA_DIR",
+                                  help="Where files, logs and the private Redis keep their data."),
     simulator_port: int = typer.Option(
         SIMULATOR_PORT, help="Port of the built-in upstream simulator; a free one is used instead when it is taken."),
     latency_ms: float = typer.Option(50.0, help="Latency of the simulator's answers."),

@@ -240,3 +240,21 @@ def test_no_child_outlives_dev(tmp_path, how):
             assert "stopping…" in dev.stdout
     finally:
         dev.stop()
+
+
+def test_dev_takes_its_data_dir_from_the_environment(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    dev = Dev(tmp_path, data_dir=False, env={"BATCHGATE_DATA_DIR": str(elsewhere)})
+    try:
+        dev.wait_for("Ctrl-C stops everything.", timeout=60, stream="stdout")
+        assert f"logs of each process in {elsewhere / 'logs'}/" in dev.stdout
+        assert {"api.log", "worker.log", "redis.log"} <= {p.name for p in (elsewhere / "logs").iterdir()}
+        assert dev.child("uvicorn api.main:app").environ()["BATCHGATE_DATA_DIR"] == str(elsewhere)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{dev.api_port}/v1", api_key=DEV_API_KEY)
+        batch = wait_terminal(client, submit(client, chat_lines(5)).id, timeout=60)
+        assert batch.status == "completed"
+        stored = [p for p in elsewhere.rglob("*") if p.is_file() and "logs" not in p.parts and "redis" not in p.parts]
+        assert stored, "the batch's files are not under BATCHGATE_DATA_DIR"
+        assert not (tmp_path / "data").exists()
+    finally:
+        dev.stop()
