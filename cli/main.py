@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 
 from cli import client, stack
+from cli.console import LogTail
 from cli.supervisor import ChildKeepsDying, RestartPolicy, SupervisedGroup
 from shared.settings import DEV_API_KEY
 
@@ -47,8 +48,11 @@ def dev(
     log_dir = data_dir / "logs"
     # Every child dies with dev, however dev ends (kill -9 too); Ctrl-C, SIGTERM and a closed terminal (SIGHUP)
     # stop them in order first. From here on, any of the three ends up in `finally`, even during start-up.
+    log_dir.mkdir(exist_ok=True)
+    console = LogTail(log_dir)  # batch events, warnings and errors of every child, one console line each
     children = SupervisedGroup(stack.ProcessGroup(log_dir=log_dir, die_with_parent=True), RestartPolicy(),
-                               report=lambda line: _say(line, err=True))
+                               report=lambda line: _say(line, err=True),
+                               tick=lambda: [_say(line) for line in console.poll()])
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGINT even when started with it ignored
         signal.signal(signum, signal.default_int_handler)
     try:
@@ -66,6 +70,9 @@ def dev(
             "BATCHGATE_DATA_DIR": str(data_dir),
             "BATCHGATE_DEV_MODE": "1",
             "BATCHGATE_SWEEP_INTERVAL_S": os.environ.get("BATCHGATE_SWEEP_INTERVAL_S", "10"),
+            # Logs for people: text lines, no line per HTTP request (deployments keep JSON and access lines).
+            "BATCHGATE_LOG_FORMAT": os.environ.get("BATCHGATE_LOG_FORMAT", "text"),
+            "BATCHGATE_ACCESS_LOG": os.environ.get("BATCHGATE_ACCESS_LOG", "0"),
         }
         simulator_health = None
         if "BATCHGATE_UPSTREAM_BASE_URL" not in os.environ and "BATCHGATE_PROVIDERS_FILE" not in os.environ:
@@ -85,7 +92,7 @@ def dev(
         children.wait_until(lambda: stack.http_answers(healthz), 30, f"the API at {healthz}")
         if simulator_health:
             children.wait_until(lambda: stack.http_answers(simulator_health), 30, f"the simulator at {simulator_health}")
-        typer.echo(f"batchgate API at http://127.0.0.1:{port}/v1")
+        typer.echo(f"batchgate API at http://127.0.0.1:{port}/v1, dashboard at http://127.0.0.1:{port}/ui")
         if not os.environ.get("BATCHGATE_API_KEYS"):
             typer.echo(f"development API key: {DEV_API_KEY}")
         typer.echo(f"logs of each process in {log_dir}/")

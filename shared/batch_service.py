@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from shared import events
 from shared.store_async import AsyncBatchReader
 from shared.errors import (
     Conflict,
@@ -143,6 +144,7 @@ def create_batch(
         output_ttl_s=output_ttl,
     )
     store.put_batch(spec, provider)
+    events.created(spec, record.file.filename, record.file.bytes, provider)
     batch = BatchRecord(spec, BatchState(status=VALIDATING, updated_at=now)).to_batch(0, 0)
     return batch
 

@@ -42,6 +42,7 @@ class Settings(BaseSettings):
     # Logs.
     log_format: str = Field(default="json", description="json or text")
     log_level: str = "INFO"
+    access_log: bool = Field(default=True, description="one INFO line per HTTP request (batchgate dev: off)")
 
     # Who may call.
     dev_mode: bool = False

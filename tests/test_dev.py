@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -258,3 +259,56 @@ def test_dev_takes_its_data_dir_from_the_environment(tmp_path):
         assert not (tmp_path / "data").exists()
     finally:
         dev.stop()
+
+
+# ---- the console --------------------------------------------------------------------------------------------------
+
+
+def test_dev_console_shows_start_up_and_one_line_per_batch_event(dev):
+    dev.wait_for("Ctrl-C stops everything.", timeout=60, stream="stdout")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{dev.api_port}/v1", api_key=DEV_API_KEY)
+    batch = wait_terminal(client, submit(client, chat_lines(100)).id, timeout=60)
+    assert batch.status == "completed"
+    dev.wait_for(f"{batch.id} completed: 100/100 ok, 0 failed in ", timeout=10, stream="stdout")
+    # A bad batch: its failure and the reason.
+    bad = wait_terminal(client, submit(client, b'{"custom_id": "x"}\n').id, timeout=60)
+    assert bad.status == "failed"
+    dev.wait_for(f"{bad.id} failed", timeout=10, stream="stdout")
+    time.sleep(12)  # past a sweep (every 10 s in dev): sweeps print nothing
+    console = (dev.stdout + dev.stderr).splitlines()
+    print("\n".join(console))
+    assert len(console) <= 15, console
+    assert not [line for line in console if line.lstrip().startswith("{")], "JSON on dev's console"
+    created = [line for line in console if f"{batch.id} created: /v1/chat/completions" in line]
+    assert len(created) == 1
+    assert len([line for line in console if f"{batch.id} completed: 100/100 ok, 0 failed in " in line]) == 1
+    failed = [line for line in console if f"{bad.id} failed" in line]
+    assert len(failed) == 1 and "missing_required_parameter" in failed[0] and "(line 1)" in failed[0]
+    assert f"dashboard at http://127.0.0.1:{dev.api_port}/ui" in dev.stdout
+    # The log files hold the text lines too, and no line per HTTP request or per sweep.
+    api_log = (dev.root / "data" / "logs" / "api.log").read_text()
+    assert f"{batch.id} created" in api_log and "GET /v1/batches/" not in api_log
+    worker_log = (dev.root / "data" / "logs" / "worker.log").read_text()
+    assert "batchgate.sweep" not in worker_log and "succeeded in" not in worker_log
+
+
+def test_a_deployment_logs_json_lines_with_the_batch_events(make_stack):
+    dep = make_stack(log_format="json").start(workers=1, concurrency=1)
+    client = dep.client()
+    batch = wait_terminal(client, submit(client, chat_lines(10)).id, timeout=60)
+    assert batch.status == "completed"
+    deadline = time.monotonic() + 10
+    while f"{batch.id} completed" not in (dep.root / "logs" / "w1.log").read_text():
+        assert time.monotonic() < deadline, dep.logs()
+        time.sleep(0.2)
+    records = []
+    for name in ("api.log", "w1.log"):
+        for line in (dep.root / "logs" / name).read_text().splitlines():
+            if line.startswith("{"):
+                records.append(json.loads(line))  # every log line is one JSON object
+            else:
+                assert not line[:4].isdigit(), f"a text log line in a JSON deployment: {line}"
+    events = {r["message"].split(":")[0]: r for r in records if r["logger"] == "batchgate.events"}
+    assert events[f"{batch.id} created"]["batch_id"] == batch.id
+    assert events[f"{batch.id} completed"]["message"].startswith(f"{batch.id} completed: 10/10 ok, 0 failed in ")
+    assert any(r["logger"] == "batchgate.access" for r in records), "deployments keep their access lines"
