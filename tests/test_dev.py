@@ -312,3 +312,54 @@ def test_a_deployment_logs_json_lines_with_the_batch_events(make_stack):
     assert events[f"{batch.id} created"]["batch_id"] == batch.id
     assert events[f"{batch.id} completed"]["message"].startswith(f"{batch.id} completed: 10/10 ok, 0 failed in ")
     assert any(r["logger"] == "batchgate.access" for r in records), "deployments keep their access lines"
+
+
+# ---- an upstream that cannot be reached ---------------------------------------------------------------------------
+
+
+def test_an_unreachable_upstream_is_reported_once_with_its_host_and_port(tmp_path):
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    dev = Dev(tmp_path, env={"BATCHGATE_UPSTREAM_BASE_URL": f"http://127.0.0.1:{closed}/v1",
+                             "BATCHGATE_UPSTREAM_MAX_RETRIES": "3", "BATCHGATE_RETRY_BASE_S": "0.05",
+                             "BATCHGATE_RETRY_MAX_S": "0.2"})
+    try:
+        dev.wait_for("Ctrl-C stops everything.", timeout=60, stream="stdout")
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{dev.api_port}/v1", api_key=DEV_API_KEY)
+        batch = wait_terminal(client, submit(client, chat_lines(20)).id, timeout=60)
+        assert batch.status == "completed" and batch.request_counts.failed == 20
+        dev.wait_for(f"{batch.id} completed: 0/20 ok, 20 failed", timeout=10, stream="stdout")
+        warning = f"upstream 'default' at 127.0.0.1:{closed} cannot be reached"
+        console = [line for line in dev.stdout.splitlines() if warning in line]
+        assert len(console) == 1, dev.stdout
+        assert "WARNING worker" in console[0] and "upstream_connect_refused" in console[0]
+        logged = [line for line in (dev.root / "data" / "logs" / "worker.log").read_text().splitlines()
+                  if warning in line]
+        assert len(logged) == 1
+    finally:
+        dev.stop()
+
+
+def test_reachability_warns_again_only_after_the_provider_answered_in_between(caplog):
+    from types import SimpleNamespace
+
+    from shared.providers import Provider
+    from workers import reachability
+
+    reachability.reset()
+    provider = Provider(name="p", base_url="https://user:secret@llm.internal:8443/v1")
+    refused = SimpleNamespace(status_code=None, error_code="upstream_connect_refused", error_message="refused")
+    timeout = SimpleNamespace(status_code=None, error_code="request_timeout", error_message="slow")
+    answer = SimpleNamespace(status_code=500, error_code=None, error_message=None)
+    with caplog.at_level("WARNING", logger="batchgate.upstream"):
+        for outcome in [refused, refused, timeout, refused, refused, refused]:
+            reachability.observe(provider, outcome)
+        assert len(caplog.records) == 1
+        assert "upstream 'p' at llm.internal:8443 cannot be reached" in caplog.records[0].getMessage()
+        assert "secret" not in caplog.records[0].getMessage()
+        reachability.observe(provider, answer)
+        for _ in range(5):
+            reachability.observe(provider, refused)
+        assert len(caplog.records) == 2 and "no longer answers" in caplog.records[1].getMessage()
+    reachability.reset()
