@@ -7,6 +7,11 @@ SIMULATOR_PORT ?= 8001
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# An editable install (the code is used where it is, new modules included), without setuptools' "Editable
+# installation" warning: it says a folder named like a package may take precedence during imports, which is how
+# this flat layout works (api/, workers/, shared/, cli/, simulator/ at the top). Every editable mode, strict
+# included, prints it with setuptools >= 77.
+EDITABLE_INSTALL := PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install --quiet -e
 
 .PHONY: venv run test bench clean
 
@@ -15,7 +20,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(EDITABLE_INSTALL) '.[dev]'
 	touch $(STAMP)
 
 run: venv

@@ -363,3 +363,28 @@ def test_reachability_warns_again_only_after_the_provider_answered_in_between(ca
             reachability.observe(provider, refused)
         assert len(caplog.records) == 2 and "no longer answers" in caplog.records[1].getMessage()
     reachability.reset()
+
+
+# ---- make venv ----------------------------------------------------------------------------------------------------
+
+
+def test_make_venv_installs_without_the_editable_installation_warning(tmp_path):
+    """The Makefile's own install line, run into a fresh venv (without the dependencies, for time)."""
+    lines = [line for line in subprocess.run(["make", "-n", "-B", "venv"], cwd=ROOT, capture_output=True,
+                                             text=True, check=True).stdout.splitlines() if "pip install" in line]
+    assert len(lines) == 2 and "--upgrade pip" in lines[0]  # a recent pip shows the build backend's warnings
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    subprocess.run(lines[0].replace(".venv/bin/python", python), shell=True, check=True, timeout=240)
+    command = lines[1].replace(".venv/bin/python", python).replace(" -e '.[dev]'", f" --no-deps -e '{ROOT}'")
+    done = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    if done.returncode != 0 and "setuptools" in done.stderr and "No matching distribution" in done.stderr:
+        pytest.skip("no package index to fetch the build backend from")
+    assert done.returncode == 0, done.stderr
+    assert "Editable installation" not in done.stdout + done.stderr
+    # The install is editable: the entry point runs this worktree's code.
+    shown = subprocess.run([str(venv / "bin" / "python"), "-c", "import cli; print(cli.__file__)"],
+                           cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    assert shown.strip() == str(ROOT / "cli" / "__init__.py")
+    assert (venv / "bin" / "batchgate").exists()
