@@ -15,12 +15,31 @@ from shared.settings import DEV_API_KEY
 
 SIMULATOR_PORT = 8001
 
-app = typer.Typer(help="batchgate: a self-hosted, OpenAI-compatible Batch API.", no_args_is_help=True)
+app = typer.Typer(no_args_is_help=True)
+
+# typer labels every option with its type; for a flag (--wait, --json, --help) that label is a meaningless <bool>.
+_display_type = typer.core.TyperOption.display_type_rich
+
+
+def _no_type_for_flags(self, ctx):
+    return None if self.is_flag else _display_type(self, ctx)
+
+
+typer.core.TyperOption.display_type_rich = _no_type_for_flags
 
 
 @app.callback()
 def main() -> None:
-    """batchgate: a self-hosted, OpenAI-compatible Batch API."""
+    """batchgate: a self-hosted, OpenAI-compatible Batch API.
+
+    \b
+    Example:
+      batchgate dev         # in one terminal: the API on :8000 and the rest
+      export OPENAI_BASE_URL=http://127.0.0.1:8000/v1
+      export OPENAI_API_KEY=sk-batchgate-dev
+      batchgate submit requests.jsonl --endpoint /v1/chat/completions --wait
+      batchgate list
+    """
 
 
 @app.command()
@@ -37,7 +56,13 @@ def dev(
 
     A process that dies is started again after 1 s, 2 s, ...; 3 deaths of one within a minute stop everything.
 
-    Each process writes its output to <data-dir>/logs/<name>.log.
+    Each process writes to <data-dir>/logs/<name>.log; the console shows one line per batch event, and warnings.
+
+    \b
+    Example:
+      batchgate dev
+      batchgate dev --port 8080 --simulator-port 8091 --workers 4
+      BATCHGATE_UPSTREAM_BASE_URL=http://127.0.0.1:11434/v1 batchgate dev
     """
     if stack.port_taken(port):
         typer.echo(f"port {port} is in use (another batchgate dev?): choose another with "
