@@ -1,8 +1,17 @@
-# batchgate: `make run` serves on http://127.0.0.1:8000, `make test` runs the whole suite.
+# batchgate: `make run` serves on http://127.0.0.1:8000 (`make run PORT=8080 SIMULATOR_PORT=8091` to move it),
+# `make test` runs the whole suite.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
+PORT ?= 8000
+# The simulator (the default upstream) takes a free port instead when this one is taken.
+SIMULATOR_PORT ?= 8001
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# An editable install (the code is used where it is, new modules included), without setuptools' "Editable
+# installation" warning: it says a folder named like a package may take precedence during imports, which is how
+# this flat layout works (api/, workers/, shared/, cli/, simulator/ at the top). Every editable mode, strict
+# included, prints it with setuptools >= 77.
+EDITABLE_INSTALL := PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install --quiet -e
 
 .PHONY: venv run test bench clean
 
@@ -11,11 +20,11 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(EDITABLE_INSTALL) '.[dev]'
 	touch $(STAMP)
 
 run: venv
-	$(BIN)/batchgate dev
+	$(BIN)/batchgate dev --port $(PORT) --simulator-port $(SIMULATOR_PORT)
 
 test: venv
 	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)

@@ -13,6 +13,22 @@ CREDENTIAL_HEADERS = ("x-portkey-api-key", "x-api-key")
 MAX_END_USER_CHARS = 256
 
 
+# docker-compose.yml's default key: anyone reading it knows it, so the API refuses it outside dev mode.
+PLACEHOLDER_KEY = "sk-change-me"
+PLACEHOLDER_MESSAGE = (
+    f"batchgate: refusing to start: BATCHGATE_API_KEYS holds the placeholder key {PLACEHOLDER_KEY}, "
+    "docker-compose.yml's default, which anyone can read. Set your own keys, as comma-separated key=tenant "
+    "pairs, e.g. in a .env file next to docker-compose.yml: BATCHGATE_API_KEYS=<a long random key>=default "
+    "(`openssl rand -hex 32` makes one), then `docker compose up -d` again. To try batchgate with the placeholder "
+    "anyway, set BATCHGATE_DEV_MODE=1."
+)
+
+
+def uses_placeholder_key(settings: Settings) -> bool:
+    keys = (pair.strip().rpartition("=")[0] for pair in settings.api_keys.split(","))
+    return not settings.dev_mode and PLACEHOLDER_KEY in keys
+
+
 def digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 

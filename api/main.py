@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 from api import errors
-from api.auth import KeyRing
+from api.auth import PLACEHOLDER_MESSAGE, KeyRing, uses_placeholder_key
 from api.limits import RequestLimitsMiddleware
 from api.metrics import make_registry
 from api.openapi import install_openapi
@@ -28,6 +28,7 @@ from shared.store import Store
 log = logging.getLogger("batchgate.api")
 
 MULTIPART_OVERHEAD = 1024 * 1024
+STARTUP_FAILURE = 3  # uvicorn.config.STARTUP_FAILURE
 
 
 @asynccontextmanager
@@ -41,6 +42,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    if uses_placeholder_key(settings):
+        # Printed, not logged: the log filter would mask the key the message names. 3 is uvicorn's "startup
+        # failure": with --workers N its supervisor stops too, instead of starting the worker again.
+        print(PLACEHOLDER_MESSAGE, file=sys.stderr, flush=True)
+        raise SystemExit(STARTUP_FAILURE)
     configure_logging(settings)
     app = FastAPI(
         lifespan=_lifespan,

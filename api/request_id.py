@@ -8,9 +8,9 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.ids import new_request_id
-from shared.logs import request_id_var
+from shared.logs import ACCESS_LOGGER, request_id_var
 
-access_log = logging.getLogger("batchgate.access")
+access_log = logging.getLogger(ACCESS_LOGGER)
 
 
 class RequestIdMiddleware:

@@ -307,6 +307,11 @@ def submit(
       1    API or connection error
       2    usage error
       130  stopped waiting (Ctrl-C); the batch goes on
+
+    \b
+    Example:
+      batchgate submit requests.jsonl --endpoint /v1/chat/completions --wait
+      batchgate submit requests.jsonl --endpoint /v1/embeddings --metadata team=search
     """
     client = make_client(base_url, api_key)
     extra = parse_metadata(metadata or [])
@@ -337,7 +342,13 @@ def status(
     base_url: BaseUrl = DEFAULT_BASE_URL,
     api_key: ApiKey = None,
 ) -> None:
-    """Show a batch. Exits like `submit --wait` for a finished batch, 0 for one still running."""
+    """Show a batch. Exits like `submit --wait` for a finished batch, 0 for one still running.
+
+    \b
+    Example:
+      batchgate status batch_abc123
+      batchgate status batch_abc123 --json
+    """
     batch = make_client(base_url, api_key).batches.retrieve(batch_id)
     if as_json:
         print(batch.to_json(indent=2))
@@ -356,7 +367,12 @@ def list_batches(
     base_url: BaseUrl = DEFAULT_BASE_URL,
     api_key: ApiKey = None,
 ) -> None:
-    """List your batches, newest first."""
+    """List your batches, newest first.
+
+    \b
+    Example:
+      batchgate list --limit 5
+    """
     client = make_client(base_url, api_key)
     batches = itertools.islice(client.batches.list(limit=min(limit, 100)), limit)  # the SDK fetches more pages
     rows = [list_row(batch, time.time()) for batch in batches]
@@ -369,7 +385,12 @@ def cancel(
     base_url: BaseUrl = DEFAULT_BASE_URL,
     api_key: ApiKey = None,
 ) -> None:
-    """Cancel a batch: requests not yet sent are dropped, results so far are kept."""
+    """Cancel a batch: requests not yet sent are dropped, results so far are kept.
+
+    \b
+    Example:
+      batchgate cancel batch_abc123
+    """
     batch = make_client(base_url, api_key).batches.cancel(batch_id)
     console.print(f"Batch {batch.id} is {batch.status}.")
 
@@ -381,7 +402,12 @@ def download(
     base_url: BaseUrl = DEFAULT_BASE_URL,
     api_key: ApiKey = None,
 ) -> None:
-    """Write a finished batch's output and error files as <input>.<ID>.output.jsonl / .errors.jsonl."""
+    """Write a finished batch's output and error files as <input>.<ID>.output.jsonl / .errors.jsonl.
+
+    \b
+    Example:
+      batchgate download batch_abc123 --dir results/
+    """
     client = make_client(base_url, api_key)
     batch = client.batches.retrieve(batch_id)
     if batch.status not in TERMINAL:

@@ -9,38 +9,77 @@ from pathlib import Path
 import typer
 
 from cli import client, stack
+from cli.console import LogTail
 from cli.supervisor import ChildKeepsDying, RestartPolicy, SupervisedGroup
 from shared.settings import DEV_API_KEY
 
-app = typer.Typer(help="batchgate: a self-hosted, OpenAI-compatible Batch API.", no_args_is_help=True)
+SIMULATOR_PORT = 8001
+
+app = typer.Typer(no_args_is_help=True)
+
+# typer labels every option with its type; for a flag (--wait, --json, --help) that label is a meaningless <bool>.
+_display_type = typer.core.TyperOption.display_type_rich
+
+
+def _no_type_for_flags(self, ctx):
+    return None if self.is_flag else _display_type(self, ctx)
+
+
+typer.core.TyperOption.display_type_rich = _no_type_for_flags
 
 
 @app.callback()
 def main() -> None:
-    """batchgate: a self-hosted, OpenAI-compatible Batch API."""
+    """batchgate: a self-hosted, OpenAI-compatible Batch API.
+
+    \b
+    Example:
+      batchgate dev         # in one terminal: the API on :8000 and the rest
+      export OPENAI_BASE_URL=http://127.0.0.1:8000/v1
+      export OPENAI_API_KEY=sk-batchgate-dev
+      batchgate submit requests.jsonl --endpoint /v1/chat/completions --wait
+      batchgate list
+    """
 
 
 @app.command()
 def dev(
     port: int = typer.Option(8000, help="Port of the API."),
     workers: int = typer.Option(2, help="Worker processes."),
-    data_dir: Path = typer.Option(Path("./data"), help="Where files, logs and the private Redis keep their data."),
-    simulator_port: int = typer.Option(8001, help="Port of the built-in upstream simulator."),
+    data_dir: Path = typer.Option(Path("./data"), envvar="BATCHGATE_DATA_DIR",
+                                  help="Where files, logs and the private Redis keep their data."),
+    simulator_port: int = typer.Option(
+        SIMULATOR_PORT, help="Port of the built-in upstream simulator; a free one is used instead when it is taken."),
     latency_ms: float = typer.Option(50.0, help="Latency of the simulator's answers."),
 ) -> None:
     """Run the API, a worker, beat, the simulator (and Redis if none is configured) in the foreground.
 
     A process that dies is started again after 1 s, 2 s, ...; 3 deaths of one within a minute stop everything.
 
-    Each process writes its output to <data-dir>/logs/<name>.log.
+    Each process writes to <data-dir>/logs/<name>.log; the console shows one line per batch event, and warnings.
+
+    \b
+    Example:
+      batchgate dev
+      batchgate dev --port 8080 --simulator-port 8091 --workers 4
+      BATCHGATE_UPSTREAM_BASE_URL=http://127.0.0.1:11434/v1 batchgate dev
     """
+    if stack.port_taken(port):
+        typer.echo(f"port {port} is in use (another batchgate dev?): choose another with "
+                   f"`batchgate dev --port {port + 80}` or `make run PORT={port + 80}`", err=True)
+        raise typer.Exit(1)
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     log_dir = data_dir / "logs"
-    children = SupervisedGroup(stack.ProcessGroup(log_dir=log_dir), RestartPolicy(),
-                               report=lambda line: typer.echo(line, err=True))
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # Every child dies with dev, however dev ends (kill -9 too); Ctrl-C, SIGTERM and a closed terminal (SIGHUP)
+    # stop them in order first. From here on, any of the three ends up in `finally`, even during start-up.
+    log_dir.mkdir(exist_ok=True)
+    console = LogTail(log_dir)  # batch events, warnings and errors of every child, one console line each
+    children = SupervisedGroup(stack.ProcessGroup(log_dir=log_dir, die_with_parent=True), RestartPolicy(),
+                               report=lambda line: _say(line, err=True),
+                               tick=lambda: [_say(line) for line in console.poll()])
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGINT even when started with it ignored
+        signal.signal(signum, signal.default_int_handler)
     try:
         redis_url = os.environ.get("BATCHGATE_REDIS_URL")
         if not redis_url:
@@ -56,9 +95,17 @@ def dev(
             "BATCHGATE_DATA_DIR": str(data_dir),
             "BATCHGATE_DEV_MODE": "1",
             "BATCHGATE_SWEEP_INTERVAL_S": os.environ.get("BATCHGATE_SWEEP_INTERVAL_S", "10"),
+            # Logs for people: text lines, no line per HTTP request (deployments keep JSON and access lines).
+            "BATCHGATE_LOG_FORMAT": os.environ.get("BATCHGATE_LOG_FORMAT", "text"),
+            "BATCHGATE_ACCESS_LOG": os.environ.get("BATCHGATE_ACCESS_LOG", "0"),
         }
+        simulator_health = None
         if "BATCHGATE_UPSTREAM_BASE_URL" not in os.environ and "BATCHGATE_PROVIDERS_FILE" not in os.environ:
+            if stack.port_taken(simulator_port):
+                taken, simulator_port = simulator_port, stack.free_port()
+                typer.echo(f"port {taken} is taken; the simulator uses {simulator_port} instead")
             children.start("simulator", stack.simulator_command(simulator_port, latency_ms))
+            simulator_health = f"http://127.0.0.1:{simulator_port}/health"
             env["BATCHGATE_UPSTREAM_BASE_URL"] = f"http://127.0.0.1:{simulator_port}/v1"
             typer.echo(f"simulator (the default upstream) at http://127.0.0.1:{simulator_port}/v1, "
                        f"{latency_ms:g} ms latency")
@@ -68,7 +115,9 @@ def dev(
         children.start("api", stack.api_command(port))
         healthz = f"http://127.0.0.1:{port}/healthz"
         children.wait_until(lambda: stack.http_answers(healthz), 30, f"the API at {healthz}")
-        typer.echo(f"batchgate API at http://127.0.0.1:{port}/v1")
+        if simulator_health:
+            children.wait_until(lambda: stack.http_answers(simulator_health), 30, f"the simulator at {simulator_health}")
+        typer.echo(f"batchgate API at http://127.0.0.1:{port}/v1, dashboard at http://127.0.0.1:{port}/ui")
         if not os.environ.get("BATCHGATE_API_KEYS"):
             typer.echo(f"development API key: {DEV_API_KEY}")
         typer.echo(f"logs of each process in {log_dir}/")
@@ -86,9 +135,17 @@ def dev(
         typer.echo(f"stopping: {exc}; see {log_dir}/", err=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
-        typer.echo("stopping…")
+        _say("stopping…")
     finally:
         children.stop_all()
+
+
+def _say(line: str, err: bool = False) -> None:
+    """Print to the console, which may be gone (a closed terminal): dev still stops its children."""
+    try:
+        typer.echo(line, err=err)
+    except OSError:
+        pass
 
 
 for _name, _command in client.COMMANDS.items():

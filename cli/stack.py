@@ -5,6 +5,7 @@ Used by `batchgate dev` and by the end-to-end tests, so both run exactly the sam
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -26,6 +27,17 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def port_taken(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something listens on (or holds) `host:port`, so a server of ours could not bind it."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free for our servers
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+        return False
 
 
 def find_redis_server() -> str:
@@ -119,23 +131,49 @@ def wait_for_http(url: str, timeout: float = 20.0) -> None:
         time.sleep(0.1)
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent():
+    """A `preexec_fn` that makes the child get SIGKILL when the thread that started it ends, however it ends
+    (SIGKILL included), on Linux; None elsewhere. A parent already gone by then is caught by its pid changing."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded here, in the parent: the child only calls it
+    parent = os.getpid()
+
+    def preexec() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
+
+
 @dataclass
 class ProcessGroup:
-    """Child processes, each in its own session so a signal reaches its whole tree."""
+    """Child processes, each in its own session so a signal reaches its whole tree.
+
+    With `die_with_parent`, every child is killed by the kernel when this process ends, even by SIGKILL (the
+    Linux parent-death signal); start children from the main thread then, since it is the starting thread's end
+    that counts. A celery worker's pool processes die with the worker the same way (celery sets it for them)."""
 
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     log_dir: Path | None = None
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    die_with_parent: bool = False
 
     def start(self, name: str, command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         """Start `name`; with a `log_dir`, its stdout and stderr are appended to `<log_dir>/<name>.log`."""
         env = {**self.env, **(env or {})}
+        preexec = die_with_parent() if self.die_with_parent else None
         if self.log_dir is None:
-            proc = subprocess.Popen(command, env=env, start_new_session=True)
+            proc = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=preexec)
         else:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             with open(self.log_dir / f"{name}.log", "ab") as output:
-                proc = subprocess.Popen(command, env=env, stdout=output, stderr=output, start_new_session=True)
+                proc = subprocess.Popen(command, env=env, stdout=output, stderr=output, start_new_session=True,
+                                        preexec_fn=preexec)
         self.procs[name] = proc
         return proc
 

@@ -131,6 +131,7 @@ class SupervisedGroup:
     report: Callable[[str], None] = print
     tail_lines: int = 20
     specs: dict[str, ChildSpec] = field(default_factory=dict)
+    tick: Callable[[], None] = lambda: None  # called at every check, e.g. to show new log lines
 
     def start(self, name: str, command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         self.specs[name] = ChildSpec(name, command, env)
@@ -141,6 +142,7 @@ class SupervisedGroup:
 
     def check(self) -> None:
         """Notice children that exited and restart those whose back-off is over; raise `ChildKeepsDying`."""
+        self.tick()
         for name, proc in list(self.group.procs.items()):
             code = proc.poll()
             if code is None:

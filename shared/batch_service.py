@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from shared import events
 from shared.store_async import AsyncBatchReader
 from shared.errors import (
     Conflict,
@@ -157,6 +158,7 @@ def create_batch(
         priority=priority,
     )
     store.put_batch(spec, provider)
+    events.created(spec, record.file.filename, record.file.bytes, provider)
     batch = BatchRecord(spec, BatchState(status=VALIDATING, updated_at=now)).to_batch(0, 0)
     return batch
 

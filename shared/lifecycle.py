@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from shared import events
 from shared.schemas import Batch
 
 if TYPE_CHECKING:  # the store imports this module for the record type
@@ -294,7 +295,7 @@ class Lifecycle:
         self.wants_webhooks = wants_webhooks
 
     def _move(self, batch_id: str, verb: str, now: float, fields: dict[str, str] | None = None,
-              ending: Ending | None = None, tenant: str = "") -> Outcome:
+              ending: Ending | None = None, tenant: str = "", created_at: int = 0) -> Outcome:
         move = MOVES[verb]
         effects = None
         if move.terminal:
@@ -307,6 +308,8 @@ class Lifecycle:
                               webhook_event=webhook_event_id(batch_id, event_type) if wants else None,
                               webhook_type=event_type if wants else None, cleanup_at=now + self.cleanup_delay_s)
         moved, status = self.store.apply_move(batch_id, move, int(now), fields or {}, effects)
+        if moved and move.terminal:
+            events.ended(batch_id, move.to, ending, now - created_at if created_at else None, move.why)
         return Outcome(moved, status)
 
     # One verb per move.
@@ -318,7 +321,8 @@ class Lifecycle:
         return self._move(record.id, "start", now)
 
     def fail(self, record: BatchRecord, now: float, errors: list[dict]) -> Outcome:
-        return self._move(record.id, "fail", now, ending=Ending(errors=errors), tenant=record.spec.tenant)
+        return self._move(record.id, "fail", now, ending=Ending(errors=errors), tenant=record.spec.tenant,
+                          created_at=record.spec.created_at)
 
     def cancel(self, batch_id: str, now: float) -> Outcome:
         """Not moved from a status in NO_OP["cancel"] is a success too: there is nothing (left) to cancel."""
@@ -330,4 +334,5 @@ class Lifecycle:
     def end(self, record: BatchRecord, verb: str, now: float, ending: Ending) -> Outcome:
         """A terminal move with its results: `complete`, `end_cancelled`, `expire` or `lose`."""
         assert MOVES[verb].terminal, verb
-        return self._move(record.id, verb, now, ending=ending, tenant=record.spec.tenant)
+        return self._move(record.id, verb, now, ending=ending, tenant=record.spec.tenant,
+                          created_at=record.spec.created_at)

@@ -63,7 +63,13 @@ def known_secrets(settings: Settings) -> list[str]:
     return [p.secret() for p in registry.providers.values()] + own
 
 
-def configure_logging(settings: Settings) -> None:
+ACCESS_LOGGER = "batchgate.access"
+
+
+def configure_logging(settings: Settings, celery_level: int | str | None = None) -> None:
+    """Every line through one handler, at `settings.log_level`. Celery's own loggers follow the `--loglevel` a
+    `celery worker`/`beat` was started with (`celery_level`), so `--loglevel WARNING` hides its per-task lines;
+    `access_log` off keeps the API's per-request lines out."""
     handler = logging.StreamHandler()
     if settings.log_format == "json":
         handler.setFormatter(OrjsonFormatter(
@@ -78,3 +84,6 @@ def configure_logging(settings: Settings) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())
+    if celery_level is not None:
+        logging.getLogger("celery").setLevel(celery_level.upper() if isinstance(celery_level, str) else celery_level)
+    logging.getLogger(ACCESS_LOGGER).setLevel(logging.NOTSET if settings.access_log else logging.WARNING)

@@ -58,8 +58,9 @@ class Settings(BaseSettings):
 
     # Logs.
     log_format: str = Field(default="json", description="json (one object a line, with request_id and batch_id) "
-                            "or text; secrets are masked in both")
+                            "or text; secrets are masked in both (batchgate dev: text)")
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR")
+    access_log: bool = Field(default=True, description="one INFO line per HTTP request (batchgate dev: off)")
 
     # Who may call.
     dev_mode: bool = Field(default=False, description="with no api_keys set, accept the development key "

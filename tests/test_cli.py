@@ -263,3 +263,15 @@ def test_metadata_and_result_paths():
         cli.parse_metadata(["novalue"])
     out, err = cli.result_paths(Path("/d"), "requests", "batch_9")
     assert (out.name, err.name) == ("requests.batch_9.output.jsonl", "requests.batch_9.errors.jsonl")
+
+
+def test_help_of_every_command_has_an_example_and_no_type_for_flags():
+    batchgate = str(Path(sys.executable).parent / "batchgate")
+    commands = [[]] + [[name] for name in ("dev", "submit", "status", "list", "cancel", "download")]
+    env = {**os.environ, "COLUMNS": "100"}
+    for command in commands:
+        shown = subprocess.run([batchgate, *command, "--help"], capture_output=True, text=True, env=env, check=True)
+        text = shown.stdout
+        assert "<bool>" not in text, f"batchgate {' '.join(command)} --help:\n{text}"
+        assert "Example:" in text and "batchgate " in text.split("Example:")[1], text
+        assert "--help" in text

@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import os
 import re
+import signal
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 from celery import Celery
 
-from cli.stack import API_PROTOCOL
+from cli.stack import API_PROTOCOL, api_command, free_port, wait_for_http
 from shared.settings import Settings
 from simulator.config import SimulatorConfig
 
@@ -110,3 +115,60 @@ def test_dockerfile_installs_every_package():
     for package in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]:
         name = package.rstrip("*")
         assert f"COPY {name} ./{name}" in dockerfile, f"Dockerfile does not copy {name}/"
+
+
+# ---- the placeholder key ------------------------------------------------------------------------------------------
+
+
+def _compose_environment(service: dict) -> dict[str, str]:
+    """The service's environment as compose gives it when none of the variables it names is set."""
+    env = dict(COMPOSE["x-app"]["environment"]) if service.get("build") else {}
+    env.update(service.get("environment") or {})
+    return {name: re.sub(r"\$\{[A-Z_0-9]+(?::?-([^}]*))?\}", lambda m: m.group(1) or "", str(value))
+            for name, value in env.items()}
+
+
+def _run_api(command: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess | None:
+    """Run the API; its result when it exits within `timeout`, else None (it is serving; it is stopped)."""
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(command, proc.returncode, out, err)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return None
+
+
+@pytest.mark.e2e
+def test_the_api_refuses_compose_s_placeholder_key_unless_in_dev_mode(redis_server, tmp_path):
+    api = SERVICES["api"]
+    compose_env = _compose_environment(api)
+    assert compose_env["BATCHGATE_API_KEYS"] == "sk-change-me=default"
+    base = {k: v for k, v in os.environ.items() if not k.startswith("BATCHGATE_")}
+    env = {**base, **compose_env, "BATCHGATE_REDIS_URL": redis_server, "BATCHGATE_DATA_DIR": str(tmp_path)}
+    port = free_port()
+    args = api["command"][1:]
+    args[args.index("--port") + 1] = str(port)
+    args[args.index("--host") + 1] = "127.0.0.1"
+    compose_command = [sys.executable, "-m", "uvicorn", *args]  # compose's own command: 2 worker processes
+    for command in (compose_command, api_command(port)):
+        refused = _run_api(command, env, timeout=60)
+        assert refused is not None, f"{command} started with the placeholder key"
+        assert "refusing to start: BATCHGATE_API_KEYS holds the placeholder key sk-change-me" in refused.stderr
+        assert "BATCHGATE_DEV_MODE=1" in refused.stderr and ".env" in refused.stderr
+        if command is not compose_command:  # uvicorn's supervisor of N workers stops, but exits 0
+            assert refused.returncode != 0
+
+    # Dev mode: it starts and serves with the placeholder.
+    dev_env = {**env, "BATCHGATE_DEV_MODE": "1"}
+    proc = subprocess.Popen(api_command(port), cwd=ROOT, env=dev_env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/healthz", timeout=30)
+        answer = httpx.get(f"http://127.0.0.1:{port}/v1/batches", headers={"Authorization": "Bearer sk-change-me"})
+        assert answer.status_code == 200
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

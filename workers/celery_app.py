@@ -112,9 +112,10 @@ app = make_app()
 
 
 @setup_logging.connect
-def _setup_logging(**_: object) -> None:
-    # Connecting this signal stops Celery configuring logging itself; every process logs our JSON lines.
-    configure_logging(get_settings())
+def _setup_logging(loglevel: int | str | None = None, **_: object) -> None:
+    # Connecting this signal stops Celery configuring logging itself; every process logs our lines, and Celery's
+    # own loggers keep the --loglevel given on the command line.
+    configure_logging(get_settings(), celery_level=loglevel)
 
 
 @task_prerun.connect

@@ -47,6 +47,7 @@ from tenacity import (
 from shared.ids import new_request_id
 from shared.metrics import MetricsBuffer
 from shared.providers import Provider
+from workers import reachability
 from workers.ratelimit import ProviderLimiter, estimate_tokens
 
 log = logging.getLogger("batchgate.upstream")
@@ -485,6 +486,7 @@ class UpstreamCaller:
     async def _send(self, url: str, body: bytes) -> Outcome:
         started = time.monotonic()
         outcome = await send_once(self.session, self.rules, url, body, self.headers, self.timeout)
+        reachability.observe(self.provider, outcome)  # one warning when a provider cannot be reached at all
         name = self.provider.name
         self.metrics.observe_latency(name, time.monotonic() - started)
         self.metrics.inc("upstream_sent", name)
