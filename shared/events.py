@@ -53,3 +53,8 @@ def ended(batch_id: str, status: str, ending: "Ending", seconds: float | None, w
         return
     counts = f"{ending.completed}/{done} ok, {ending.failed} failed"
     log.info("%s %s: %s%s", batch_id, status, counts, took, extra={"batch_id": batch_id, "event": f"batch.{status}"})
+
+
+def queued(batch_id: str, reason: str) -> None:
+    """A planned batch waits for room under its tenant's max_enqueued_requests."""
+    log.info("%s waits in line: %s", batch_id, reason, extra={"batch_id": batch_id, "event": "batch.queued"})

@@ -21,7 +21,7 @@ SWEEPER_LOCK = f"{PREFIX}:sweeper:lock"
 POOL_PREFIX = f"{PREFIX}:pool:"  # + worker node name -> its process count, with a short expiry
 # The scheduler (shared/store_sched.py): which released chunk a worker runs next.
 SCHED_TENANTS = f"{PREFIX}:sched:tenants"  # zset tenant -> virtual time, the tenants with chunks to run
-SCHED_STATE = f"{PREFIX}:sched:state"  # hash: vnow, rr, "w:<tenant>" weight, "vt:<tenant>" virtual time when idle
+SCHED_STATE = f"{PREFIX}:sched:state"  # hash: vnow, rr, taken_at, "w:<tenant>" weight, "vt:<tenant>" idle vtime
 SCHED_BATCHES_PREFIX = f"{PREFIX}:sched:batches:"  # + tenant -> zset batch id -> round-robin turn
 SCHED_WAITING_PREFIX = f"{PREFIX}:sched:waiting:"  # + tenant -> zset queued batch id -> creation sequence
 SCHED_ENQUEUED = f"{PREFIX}:sched:enqueued"  # hash tenant -> requests of its admitted, unfinished batches

@@ -262,7 +262,7 @@ for _ = 1, 32 do
     end
     local weight = tonumber(redis.call('HGET', KEYS[2], 'w:' .. tenant) or '1') or 1
     local next_vt = vt + n / weight
-    redis.call('HSET', KEYS[2], 'vnow', vt)
+    redis.call('HSET', KEYS[2], 'vnow', vt, 'taken_at', ARGV[1])
     if redis.call('LLEN', rec .. ARGV[3]) == 0 then
       redis.call('ZREM', tkey, best)
     else

@@ -72,6 +72,10 @@ class SchedulerStore:
     def tenants_with_work(self) -> int:
         return int(self.r.zcard(keys.SCHED_TENANTS))
 
+    def last_take(self) -> float:
+        """When a runner last took a chunk (0 when none ever did)."""
+        return float(self.r.hget(keys.SCHED_STATE, "taken_at") or 0)
+
     # ---- the queue of batches over their tenant's cap -----------------------------------------------------------
 
     def admit(self, tenant: str, cap: int, batch_id: str = "", place: float = 0.0) -> list[str]:

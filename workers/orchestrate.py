@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 
+from shared import events
 from shared.blobs import BlobNotFound
 from typing import Callable
 
@@ -49,10 +50,10 @@ def admit(rt: Runtime, record: BatchRecord, total: int, now: float, start_other:
         return True
     if record.state.status == VALIDATING:
         used = rt.store.enqueued_requests(tenant)
-        rt.lifecycle.queue(record, now, (
-            f"Waiting for room under this API key's limit of {cap:,} enqueued requests (max_enqueued_requests): "
-            f"{used:,} are in batches that have not finished, and this batch has {total:,}."))
-        log.info("batch %s: %d requests wait behind %d enqueued (cap %d)", record.id, total, used, cap)
+        reason = (f"Waiting for room under this API key's limit of {cap:,} enqueued requests (max_enqueued_requests): "
+                  f"{used:,} are in batches that have not finished, and this batch has {total:,}.")
+        if rt.lifecycle.queue(record, now, reason).moved:
+            events.queued(record.id, reason)
     return False
 
 

@@ -58,8 +58,9 @@ def sweep(rt: Runtime, dispatch: Dispatch) -> Repairs | None:
                 _sweep_batch(rt, batch_id, now, timing, dispatch, repairs)
             except Exception:  # noqa: BLE001 - one batch's trouble must not stop the others' recovery
                 log.exception("sweeping %s failed", batch_id)
-        if store.tenants_with_work() and queue_idle:
-            # Chunks are waiting and no ticket is: the messages that would run them were lost.
+        if store.tenants_with_work() and queue_idle and now - store.last_take() > settings.redrive_after_s / 3:
+            # Chunks are waiting, no ticket is and no runner took one lately: the messages that would run them were
+            # lost.
             dispatch.tickets(max(1, store.pool_processes()))
             repairs.actions.append(("", "tickets"))
         for batch_id in store.due_cleanups(now):
