@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from pathlib import Path
 
 import typer
@@ -75,11 +76,23 @@ def dev(
     # stop them in order first. From here on, any of the three ends up in `finally`, even during start-up.
     log_dir.mkdir(exist_ok=True)
     console = LogTail(log_dir)  # batch events, warnings and errors of every child, one console line each
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stopping.set()
+        raise KeyboardInterrupt
+
+    def tick() -> None:
+        # The signal's KeyboardInterrupt can land inside library code that swallows it; the flag still stops dev.
+        if stopping.is_set():
+            raise KeyboardInterrupt
+        for line in console.poll():
+            _say(line)
+
     children = SupervisedGroup(stack.ProcessGroup(log_dir=log_dir, die_with_parent=True), RestartPolicy(),
-                               report=lambda line: _say(line, err=True),
-                               tick=lambda: [_say(line) for line in console.poll()])
+                               report=lambda line: _say(line, err=True), tick=tick)
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGINT even when started with it ignored
-        signal.signal(signum, signal.default_int_handler)
+        signal.signal(signum, on_signal)
     try:
         redis_url = os.environ.get("BATCHGATE_REDIS_URL")
         if not redis_url:
