@@ -31,6 +31,7 @@ test: venv
 
 bench: venv
 	$(BIN)/python -m bench.throughput
+	$(BIN)/python -m bench.fairness
 	$(BIN)/python -m bench.scale
 	$(BIN)/python -m bench.memory
 	$(BIN)/python -m bench.api
