@@ -24,6 +24,8 @@ def size(n: int) -> str:
 
 def duration(seconds: float) -> str:
     seconds = max(0.0, seconds)
+    if seconds < 1:
+        return "under 1 s"  # created_at is kept in whole seconds
     if seconds < 60:
         return f"{seconds:.0f} s"
     minutes, secs = divmod(round(seconds), 60)
