@@ -134,6 +134,7 @@ class BatchState:
     failed: int | None = None
     cancelled: int = 0  # of the failed: lines never sent, ended by batch_cancelled / batch_expired
     expired: int = 0
+    errors_by_code: dict[str, int] | None = None  # final, once terminal
     usage: dict | None = None
     errors: dict | None = None
     output_file_id: str | None = None
@@ -191,6 +192,7 @@ class BatchRecord:
             n_chunks=_int(f.get("n_chunks")), stop=f.get("stop") or None,
             completed=_int(f.get("completed")), failed=_int(f.get("failed")), usage=_json(f.get("usage")),
             cancelled=_int(f.get("cancelled")) or 0, expired=_int(f.get("expired")) or 0,
+            errors_by_code=_json(f.get("errors_by_code")),
             errors=_json(f.get("errors")), output_file_id=f.get("output_file_id") or None,
             error_file_id=f.get("error_file_id") or None, dispatched_at=_float(f.get("dispatched_at")),
             orchestrate_sent_at=_float(f.get("orchestrate_sent_at")), finalize_sent_at=_float(f.get("finalize_sent_at")),
@@ -198,11 +200,16 @@ class BatchRecord:
         )
         return cls(spec, state)
 
-    def to_batch(self, live_completed: int, live_failed: int, queue_position: int | None = None) -> Batch:
-        """The API's object. Live counts (committed chunks plus durable progress) show until final ones exist."""
+    def to_batch(self, live_completed: int, live_failed: int, queue_position: int | None = None,
+                 live_codes: dict[str, int] | None = None) -> Batch:
+        """The API's object. Live counts (committed chunks plus durable progress) show until final ones exist;
+        `live_codes` are the error codes of the committed chunks."""
         s, st = self.spec, self.state
         completed = st.completed if st.completed is not None else live_completed
         failed = st.failed if st.failed is not None else live_failed
+        codes = st.errors_by_code if st.errors_by_code is not None else (live_codes or {})
+        cancelled = st.cancelled if st.terminal else codes.get("batch_cancelled", 0)
+        expired = st.expired if st.terminal else codes.get("batch_expired", 0)
         data: dict[str, Any] = {
             "id": s.id, "endpoint": s.endpoint, "model": st.model, "errors": st.errors,
             "input_file_id": s.input_file_id, "completion_window": s.completion_window,
@@ -210,7 +217,10 @@ class BatchRecord:
             "output_file_id": st.output_file_id, "error_file_id": st.error_file_id, "created_at": s.created_at,
             "expires_at": s.expires_at or None,
             "request_counts": {"total": st.total, "completed": completed, "failed": failed,
-                               "cancelled": st.cancelled, "expired": st.expired},
+                               "cancelled": cancelled, "expired": expired, "succeeded": completed,
+                               "errored": failed - cancelled - expired,
+                               "processing": 0 if st.terminal else max(0, st.total - completed - failed),
+                               "errors_by_code": dict(sorted(codes.items()))},
             "usage": st.usage, "metadata": s.metadata, "priority": s.priority,
         }
         if st.status == QUEUED:
@@ -236,10 +246,13 @@ class Ending:
     errors: list[dict] | None = None
     cancelled: int = 0  # of the failed: never sent (batch_cancelled), or cut off by the window (batch_expired)
     expired: int = 0
+    codes: dict[str, int] | None = None  # the error file's lines by code
 
     def fields(self) -> dict[str, str]:
         out = {"completed": str(self.completed), "failed": str(self.failed)}
         out |= {name: str(n) for name, n in (("cancelled", self.cancelled), ("expired", self.expired)) if n}
+        if self.codes is not None:
+            out["errors_by_code"] = orjson.dumps(self.codes).decode()
         if any(self.usage):
             out["usage"] = orjson.dumps(batch_usage(self.usage)).decode()
         if self.output_file_id:

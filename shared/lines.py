@@ -54,6 +54,16 @@ class ResultLine(msgspec.Struct):
         """Whether the line belongs to the output file rather than the error file."""
         return self.response is not None and 200 <= self.response.status_code < 300
 
+    @property
+    def code(self) -> str | None:
+        """What an error-file line counts as in `errors_by_code`: its error's code, else `http_<status>` for an
+        upstream answer that was not 2xx; None for an output line."""
+        if self.ok:
+            return None
+        if self.error is not None:
+            return self.error.code
+        return f"http_{self.response.status_code}" if self.response is not None else "unknown"
+
 
 _input_decoder = msgspec.json.Decoder(InputLine)
 _body_decoder = msgspec.json.Decoder(RequestBodyHead)

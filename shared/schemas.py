@@ -63,6 +63,13 @@ class BatchRequestCounts(WireModel):
     # (`batch_cancelled` lines) or its window ran out (`batch_expired`); final once the batch has ended.
     cancelled: int = 0
     expired: int = 0
+    # Anthropic's split: succeeded (= completed), errored (failed lines other than cancelled and expired), processing
+    # (not yet ended; 0 once terminal); and the error lines by code (final once the batch has ended; while it runs,
+    # those of its committed chunks).
+    succeeded: int = 0
+    errored: int = 0
+    processing: int = 0
+    errors_by_code: dict[str, int] = Field(default_factory=dict)
 
 
 class InputTokensDetails(WireModel):

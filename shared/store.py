@@ -8,6 +8,7 @@ workers, locks, the clean-up outbox) in `shared/store_ops.py`. Key names are in 
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -228,6 +229,7 @@ class BatchView:
     record: BatchRecord
     completed: int
     failed: int
+    codes: dict[str, int]
 
     @property
     def waiting(self) -> bool:
@@ -242,8 +244,10 @@ def decode_batch_reads(batch_ids: list[str], raw: list, scope: str | None = None
         if not visible:
             out.append(None)
             continue
-        completed, failed = live_counts(committed, progress)
-        out.append(BatchView(BatchRecord.from_hash(batch_id, fields), completed, failed))
+        record = BatchRecord.from_hash(batch_id, fields)
+        codes: Counter = Counter()
+        completed, failed = live_counts(committed, progress, None if record.state.errors_by_code is not None else codes)
+        out.append(BatchView(record, completed, failed, dict(codes)))
     return out
 
 
@@ -257,16 +261,20 @@ def queue_position_reads(pipe, views: list[BatchView | None]) -> list[BatchView]
 
 def build_batches(views: list[BatchView | None], waiting: list[BatchView], ranks: list) -> list[Batch | None]:
     position = {v.record.id: (None if rank is None else int(rank) + 1) for v, rank in zip(waiting, ranks)}
-    return [None if v is None else v.record.to_batch(v.completed, v.failed, position.get(v.record.id))
+    return [None if v is None else v.record.to_batch(v.completed, v.failed, position.get(v.record.id), v.codes)
             for v in views]
 
 
-def live_counts(committed: list[str], progress: list[str]) -> tuple[int, int]:
+def live_counts(committed: list[str], progress: list[str], codes: Counter | None = None) -> tuple[int, int]:
+    """Completed and failed so far; adds the committed chunks' error codes to `codes` when given."""
     completed = failed = 0
     for raw in committed:
         counts = orjson.loads(raw)
         completed += counts["completed"]
         failed += counts["failed"]
+        if codes is not None:
+            for segment in counts.get("segments") or ():
+                codes.update(segment.get("codes") or {})
     for raw in progress:
         c, f = raw.split(":")
         completed += int(c)

@@ -54,10 +54,12 @@ class Segment:
     pos: list[int]
     cancelled: int = 0
     expired: int = 0
+    codes: dict[str, int] = field(default_factory=dict)  # the error lines' codes, counted
 
     def as_dict(self) -> dict:
         d = {"run": self.run, "seq": self.seq, "out": self.out, "err": self.err, "usage": self.usage, "pos": self.pos}
-        return d | {k: v for k, v in (("cancelled", self.cancelled), ("expired", self.expired)) if v}
+        d |= {k: v for k, v in (("cancelled", self.cancelled), ("expired", self.expired)) if v}
+        return d | ({"codes": self.codes} if self.codes else {})
 
     def encode(self) -> str:
         return orjson.dumps(self.as_dict()).decode()
@@ -65,7 +67,7 @@ class Segment:
     @classmethod
     def from_dict(cls, d: dict) -> "Segment":
         return cls(d["run"], d["seq"], d["out"], d["err"], d["usage"], d["pos"], d.get("cancelled", 0),
-                   d.get("expired", 0))
+                   d.get("expired", 0), d.get("codes") or {})
 
     @classmethod
     def decode(cls, raw: str) -> "Segment":

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 
 from shared import lines as wire
@@ -46,6 +47,7 @@ class Assembly:
     failed: int = 0
     cancelled: int = 0  # of the failed: never sent, the batch was cancelled or expired
     expired: int = 0
+    codes: Counter = field(default_factory=Counter)  # the error lines by code
     usage: Usage = field(default_factory=Usage)
 
 
@@ -75,10 +77,12 @@ def _assemble(rt: Runtime, record: BatchRecord, commits: dict[int, ChunkCommit],
             a.failed += seg.err
             a.cancelled += seg.cancelled
             a.expired += seg.expired
+            a.codes.update(seg.codes)
             a.usage.merge(seg.usage)
         if lost:
             a.err.append(_write_lost(rt, record, index, sorted(lost)))
             a.failed += len(lost)
+            a.codes[RESULT_LOST[0]] += len(lost)
     return a
 
 
@@ -150,7 +154,7 @@ def finalize(rt: Runtime, batch_id: str) -> str | None:
             return "failed"
         ending = Ending(completed=a.completed, failed=a.failed, usage=a.usage.as_list(),
                         output_file_id=output_file_id, error_file_id=error_file_id, cancelled=a.cancelled,
-                        expired=a.expired)
+                        expired=a.expired, codes=dict(a.codes))
         outcome = rt.lifecycle.end(record, verb, time.time(), ending)
         if not outcome.moved:
             return None
