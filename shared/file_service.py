@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import logging
 import time
 import unicodedata
@@ -56,6 +58,17 @@ def parse_expires_after(anchor: str | None, seconds: str | int | None) -> int | 
             f"Invalid 'expires_after[seconds]': {value} is outside the allowed range 3600 to 2592000.",
         )
     return value
+
+
+def content_digest(source: BinaryIO | None) -> str:
+    """The SHA-256 of an upload's bytes, read in pieces; the stream is rewound for its reader."""
+    if source is None:
+        return ""
+    digest = hashlib.sha256()
+    while piece := source.read(1024 * 1024):
+        digest.update(piece)
+    source.seek(0)
+    return digest.hexdigest()
 
 
 def create_file(

@@ -54,6 +54,11 @@ def files_index(scope: str, purpose: str = "") -> str:
     return f"{base}:{purpose}" if purpose else base
 
 
+def idempotency(scope: str, key: str) -> str:
+    """The answer kept for an Idempotency-Key of a scope."""
+    return f"{PREFIX}:idem:{scope_tag(scope)}:{hashlib.sha256(key.encode()).hexdigest()[:32]}"
+
+
 def batches_index(scope: str) -> str:
     """A scope's batches, scored by creation sequence."""
     return f"{PREFIX}:batches:{scope_tag(scope)}"

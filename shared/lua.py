@@ -313,3 +313,32 @@ for _ = 1, 1000 do
 end
 return out
 """
+
+# Claim an Idempotency-Key, or read what it holds.
+# KEYS[1] the key's hash. ARGV: fingerprint, pending ttl ms.
+# Returns {'claimed'} when this request does the work, else {state, fingerprint, status, body}.
+CLAIM_IDEMPOTENCY = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[1], 'state', 'pending', 'fp', ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return {'claimed'}
+end
+local f = redis.call('HMGET', KEYS[1], 'state', 'fp', 'status', 'body')
+return {f[1] or '', f[2] or '', f[3] or '', f[4] or ''}
+"""
+
+# Keep a claimed key's final answer. KEYS[1] the key's hash. ARGV: fingerprint, status, body, ttl ms.
+FINISH_IDEMPOTENCY = """
+if redis.call('HGET', KEYS[1], 'fp') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'done', 'status', ARGV[2], 'body', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+
+# Give up a pending claim (the work failed with a 5xx: not kept, a retry does it again). KEYS[1], ARGV: fingerprint.
+RELEASE_IDEMPOTENCY = """
+if redis.call('HGET', KEYS[1], 'state') == 'pending' and redis.call('HGET', KEYS[1], 'fp') == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""

@@ -70,6 +70,12 @@ class Settings(BaseSettings):
     metrics_token: SecretStr | None = Field(default=None, description="a Bearer token for GET /metrics only (the "
                                             "admin key works too); /metrics is open only in dev mode without keys")
 
+    # Idempotent writes.
+    idempotency_ttl_s: float = Field(default=86400.0, gt=0, description="how long the answer to a request with an "
+                                     "Idempotency-Key is kept and replayed")
+    idempotency_wait_s: float = Field(default=30.0, gt=0, description="how long a request waits for an identical "
+                                      "one holding the same Idempotency-Key before it answers 409 (retry)")
+
     # Files.
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, description="largest file upload (else 413 "
                                   "file_too_large)")

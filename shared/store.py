@@ -22,6 +22,7 @@ from shared.schemas import Batch, FileObject
 from shared.store_exec import ExecutionStore
 from shared.store_ops import OpsStore
 from shared.store_sched import SchedulerStore
+from shared.store_idem import IdempotencyStore
 
 
 @dataclass(frozen=True)
@@ -42,13 +43,14 @@ class Page:
         return cls(ids[:limit], len(ids) > limit)
 
 
-class Store(ExecutionStore, OpsStore, SchedulerStore):
+class Store(ExecutionStore, OpsStore, SchedulerStore, IdempotencyStore):
     def __init__(self, client: redis.Redis) -> None:
         self.r = client
         self._apply_move = client.register_script(lua.APPLY_MOVE)
         ExecutionStore.__init__(self, client)
         OpsStore.__init__(self, client)
         SchedulerStore.__init__(self, client)
+        IdempotencyStore.__init__(self, client)
 
     @classmethod
     def from_url(cls, url: str, *, timeout_s: float | None = None, quick_retry: bool = False) -> "Store":

@@ -74,3 +74,15 @@ def test_only_the_lifecycle_writes_a_status():
 def test_no_test_harness_in_shipped_code():
     offenders = [name for name, source in shipped_files() if "psutil" in _imports(ast.parse(source))]
     assert offenders == []
+
+
+def test_the_store_mixins_do_not_overwrite_each_others_scripts():
+    """Store is one object made of several mixins; a script attribute named twice silently runs the wrong Lua."""
+    import re
+
+    seen: dict[str, str] = {}
+    for path in sorted((ROOT / "shared").glob("store*.py")):
+        for name in re.findall(r"self\.(\w+) = client\.register_script", path.read_text()):
+            assert name not in seen, f"{name} is registered in {seen.get(name)} and in {path.name}"
+            seen[name] = path.name
+    assert len(seen) > 10

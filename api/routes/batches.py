@@ -6,6 +6,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response, StreamingResponse
 
+from api.idempotency import respond_once
 from api.deps import BatchReaderDep, BlobsDep, PrincipalDep, ProvidersDep, SettingsDep, StoreDep
 from shared import batch_service, file_service, progress
 from shared.errors import InvalidRequest, NotFound
@@ -60,16 +61,24 @@ singular_router = APIRouter(tags=["batches"])
 
 
 async def _create(request: Request, principal: Principal, store: Store, settings: Settings,
-                  providers: ProviderRegistry, *, default_window: str | None) -> Batch:
-    """Create a batch (a window left out defaults to `default_window`) and hand it to the workers."""
-    body = await _json_body(request)
-    provider = batch_service.check_provider(providers, principal.tenant, requested_provider(request))
-    batch = await run_in_threadpool(
-        batch_service.create_batch, store, settings, principal, body,
-        default_window=default_window, window_aliases=WINDOW_ALIASES, provider=provider,
-    )
-    await run_in_threadpool(enqueue_orchestrate, batch.id)
-    return batch
+                  providers: ProviderRegistry, *, default_window: str | None) -> Response:
+    """Create a batch (a window left out defaults to `default_window`) and hand it to the workers; once per
+    Idempotency-Key."""
+
+    async def create() -> Batch:
+        body = await _json_body(request)
+        provider = batch_service.check_provider(providers, principal.tenant, requested_provider(request))
+        batch = await run_in_threadpool(
+            batch_service.create_batch, store, settings, principal, body,
+            default_window=default_window, window_aliases=WINDOW_ALIASES, provider=provider,
+        )
+        await run_in_threadpool(enqueue_orchestrate, batch.id)
+        return batch
+
+    async def request_parts() -> list[bytes | str]:
+        return [await request.body(), requested_provider(request) or "", default_window or ""]
+
+    return await respond_once(request, principal, store, settings, request_parts, create)
 
 
 @router.post("/batches", response_model=Batch, openapi_extra=CREATE_BODY)
@@ -99,8 +108,15 @@ async def retrieve_batch(batch_id: str, principal: PrincipalDep, reader: BatchRe
 
 @router.post("/batches/{batch_id}/cancel", response_model=Batch)
 @singular_router.post("/batch/{batch_id}/cancel", response_model=Batch)
-def cancel_batch(batch_id: str, principal: PrincipalDep, store: StoreDep) -> Batch:
-    return batch_service.cancel_batch(store, principal.scope, batch_id)
+async def cancel_batch(batch_id: str, request: Request, principal: PrincipalDep, store: StoreDep,
+                       settings: SettingsDep) -> Response:
+    async def cancel() -> Batch:
+        return await run_in_threadpool(batch_service.cancel_batch, store, principal.scope, batch_id)
+
+    async def request_parts() -> list[bytes | str]:
+        return [batch_id]
+
+    return await respond_once(request, principal, store, settings, request_parts, cancel)
 
 
 @router.get("/batches/{batch_id}/progress", response_model=BatchProgress)

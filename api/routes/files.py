@@ -5,8 +5,9 @@ from typing import Literal
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
-from starlette.responses import StreamingResponse
+from starlette.responses import Response, StreamingResponse
 
+from api.idempotency import respond_once
 from api.deps import BlobsDep, PrincipalDep, SettingsDep, StoreDep
 from shared import file_service
 from shared.schemas import FileDeleted, FileObject, ListPage
@@ -19,22 +20,28 @@ MAX_FORM_FIELDS = 32
 @router.post("/files", response_model=FileObject)
 async def create_file(
     request: Request, principal: PrincipalDep, store: StoreDep, blobs: BlobsDep, settings: SettingsDep
-) -> FileObject:
+) -> Response:
     async with request.form(max_files=1, max_fields=MAX_FORM_FIELDS) as form:
         upload = form.get("file")
         purpose = form.get("purpose")
-        return await run_in_threadpool(
-            file_service.create_file,
-            store,
-            blobs,
-            settings,
-            principal.scope,
+        fields = dict(
             source=upload.file if isinstance(upload, UploadFile) else None,
             filename=upload.filename if isinstance(upload, UploadFile) else None,
             purpose=purpose if isinstance(purpose, str) else None,
             expires_anchor=_text(form.get("expires_after[anchor]")),
             expires_seconds=_text(form.get("expires_after[seconds]")),
         )
+
+        async def create() -> FileObject:
+            return await run_in_threadpool(file_service.create_file, store, blobs, settings, principal.scope, **fields)
+
+        async def request_parts() -> list[bytes | str]:
+            # The same upload is the same bytes under the same name, purpose and expiry.
+            content = await run_in_threadpool(file_service.content_digest, fields["source"])
+            return [content, *(str(fields[name] or "") for name in
+                               ("filename", "purpose", "expires_anchor", "expires_seconds"))]
+
+        return await respond_once(request, principal, store, settings, request_parts, create)
 
 
 def _text(value) -> str | None:
