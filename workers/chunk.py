@@ -189,7 +189,7 @@ async def send_requests(rt: Runtime, provider: Provider, record: BatchRecord,
     state = RunState(stop=rt.store.stop_reason(batch_id))
     caller = UpstreamCaller(rt.session(provider), provider, base_s=settings.retry_base_s, max_s=settings.retry_max_s,
                             limiter=rt.limiter(provider))
-    url = provider.url_for(record.spec.endpoint)
+    url = provider.url_for(record.spec.endpoint, record.state.model)
     durable_every = settings.durable_every_lines or provider.max_concurrency
     slots = rt.slots(provider)
 

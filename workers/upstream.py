@@ -449,10 +449,10 @@ def classify_failure(exc: BaseException, answered: bool, timeout_s: float) -> tu
 
 
 def upstream_headers(provider: Provider) -> dict[str, str]:
+    """Every request's headers, built once per caller: the provider's `headers`, then its key as its `auth` says."""
     headers = {"content-type": "application/json"}
-    secret = provider.secret()
-    if secret:
-        headers["authorization"] = f"Bearer {secret}"
+    headers.update({name.lower(): value for name, value in provider.headers.items()})
+    headers.update(provider.auth_headers())
     return headers
 
 
