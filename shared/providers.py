@@ -25,6 +25,10 @@ Configured in a TOML file named by BATCHGATE_PROVIDERS_FILE (every key, commente
     auth = "bearer"                      # or "api-key" (azure's default) or "none": how the key is sent
     headers = { "x-team" = "research" }  # added to every request
     query = { "source" = "batchgate" }   # added to every request's URL
+    fallbacks = ["local-vllm"]           # tried in order for a request that failed here after its retries
+    weight = 3                           # among providers serving the same model, share requests by weight
+    circuit_open_after_s = 30            # failing every request this long: requests go to fallbacks at once
+    circuit_retry_after_s = 30           # ... until a probe request after this long succeeds
 
     [tenants.team-a]
     providers = ["openai"]               # a tenant listed here may use only these; others may use any
@@ -77,6 +81,13 @@ class Provider(BaseModel):
     max_inflight: int = Field(default=0, ge=0, description="requests in flight across all workers; 0 = unlimited")
     max_response_bytes: int = Field(default=DEFAULT_MAX_RESPONSE_BYTES, ge=1,
                                     description="largest answer body kept (decoded bytes); larger is response_too_large")
+    fallbacks: list[str] = Field(default_factory=list,
+                                 description="providers tried in order for a request that failed here after retries")
+    weight: float = Field(default=1.0, gt=0, le=1000,
+                          description="share of the requests among providers serving the same model")
+    circuit_open_after_s: float = Field(default=30.0, gt=0,
+                                        description="every request failing this long opens the circuit breaker")
+    circuit_retry_after_s: float = Field(default=30.0, gt=0, description="an open circuit is probed again after this")
 
     @model_validator(mode="after")
     def _normalise(self) -> "Provider":
@@ -136,6 +147,10 @@ class ProviderRegistry:
             raise ValueError(f"default provider {default!r} is not configured")
         self.default = default
         self.tenants = tenants or {}
+        for provider in providers:
+            unknown = [name for name in provider.fallbacks if name not in self.providers or name == provider.name]
+            if unknown:
+                raise ValueError(f"provider {provider.name!r}: fallbacks name unknown providers or itself: {unknown}")
         for tenant, config in self.tenants.items():
             unknown = set(config.providers or ()) - set(self.providers)
             if unknown:

@@ -8,7 +8,7 @@ POST /openai/deployments/D/chat/completions (Azure OpenAI's layout). A request m
 (a Bearer token where `api-key` is required is refused too), the api-version, a required header or query parameter is
 answered 401/400/404 as Azure does. `--status 503` answers every request so (a provider that is down but listening).
 Every answer's completion names the upstream (`--name`), and `GET /_stats` counts what arrived:
-{"requests", "served", "refused", "by_reason"}. It prints "ready <port>" once it listens.
+{"requests", "served", "refused", "by_reason", "first_at", "last_at"} (times of the first and last request). It prints "ready <port>" once it listens.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
 from collections import Counter
 
 from aiohttp import web
@@ -65,8 +66,12 @@ def make_app(args: argparse.Namespace) -> web.Application:
                 return refuse(400, "missing_query", f"query parameter {name} is required")
         return None
 
+    times: dict[str, float] = {}
+
     async def serve(request: web.Request) -> web.Response:
         stats["requests"] += 1
+        times.setdefault("first_at", time.time())
+        times["last_at"] = time.time()
         await request.read()
         if not request.path.startswith(prefix + "/"):
             return refuse(404, "DeploymentNotFound", "The API deployment for this resource does not exist.")
@@ -83,7 +88,7 @@ def make_app(args: argparse.Namespace) -> web.Application:
         return web.json_response(completion(args.name))
 
     async def show_stats(request: web.Request) -> web.Response:
-        return web.json_response({**stats, "by_reason": dict(reasons)})
+        return web.json_response({**stats, **times, "by_reason": dict(reasons)})
 
     async def health(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
