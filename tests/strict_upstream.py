@@ -8,7 +8,8 @@ POST /openai/deployments/D/chat/completions (Azure OpenAI's layout). A request m
 (a Bearer token where `api-key` is required is refused too), the api-version, a required header or query parameter is
 answered 401/400/404 as Azure does. `--status 503` answers every request so (a provider that is down but listening).
 Every answer's completion names the upstream (`--name`), and `GET /_stats` counts what arrived:
-{"requests", "served", "refused", "by_reason", "first_at", "last_at"} (times of the first and last request). It prints "ready <port>" once it listens.
+{"requests", "served", "refused", "by_reason", "first_at", "last_at"} (times of the first and last request).
+It prints "ready <port>" once it listens.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@ weighted round robin, and the circuit breaker's states on a clock the test moves
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 
 import pytest
@@ -25,7 +26,8 @@ def registry(**tenants: list[str]) -> ProviderRegistry:
 @pytest.mark.parametrize("outcome, expected", [
     (Outcome(503), True), (Outcome(500), True), (Outcome(501), True), (Outcome(429), True), (Outcome(408), True),
     (Outcome(None, error_code="upstream_connect_refused"), True), (Outcome(None, error_code="request_timeout"), True),
-    (Outcome(None, error_code="upstream_connection_reset"), True), (Outcome(None, error_code="upstream_dns_error"), True),
+    (Outcome(None, error_code="upstream_connection_reset"), True),
+    (Outcome(None, error_code="upstream_dns_error"), True),
     (Outcome(200), False), (Outcome(400), False), (Outcome(401), False), (Outcome(404), False), (Outcome(409), False),
     (Outcome(422), False), (Outcome(None, error_code="invalid_request_body"), False),
     (Outcome(None, error_code="response_too_large"), False),
@@ -110,3 +112,100 @@ def test_a_lost_probe_is_replaced_after_retry_after_s():
     assert circuit.allow(start)  # a probe whose outcome never comes (its batch was cancelled)
     assert not circuit.allow(start + 4.9)
     assert circuit.allow(start + 5)
+
+
+class FakeCaller:
+    """Answers each provider's requests from a script, telling the router's circuit as the real caller does."""
+
+    def __init__(self, provider: Provider, answers: dict[str, Outcome], log: list) -> None:
+        self.provider, self.answers, self.log = provider, answers, log
+        self.on_outcome = None
+        self.limiter = None
+
+    async def send(self, url: str, body: bytes, should_stop=None) -> Outcome:
+        self.log.append((self.provider.name, url))
+        outcome = self.answers[self.provider.name]
+        self.on_outcome(outcome)
+        return outcome
+
+
+class Slots:
+    """A semaphore stand-in that records which provider's slots were held around each send."""
+
+    def __init__(self, name: str, held: list) -> None:
+        self.name, self.held = name, held
+
+    async def __aenter__(self):
+        self.held.append(self.name)
+
+    async def __aexit__(self, *exc):
+        return False
+
+
+def router(answers: dict[str, Outcome], *, tenant: str = "anyone", pinned: str | None = None):
+    from workers import routing
+
+    routing.reset()
+    reg = ProviderRegistry([
+        Provider(name="primary", base_url="http://p/v1", models=["gpt-4o-mini"], fallbacks=["azure", "last"],
+                 circuit_open_after_s=1),
+        Provider(name="azure", kind="azure", base_url="https://res.openai.azure.com", api_version="2024-10-21",
+                 deployments={"gpt-4o-mini": "dep"}),
+        Provider(name="last", base_url="http://l/v1"),
+    ], "primary", {"no-azure": TenantConfig(providers=["primary", "last"])})
+    sent, held = [], []
+    clock = [0.0]
+    chosen = reg.get(pinned or "primary")
+    r = routing.Router(reg, tenant, "/v1/chat/completions", "gpt-4o-mini", chosen, pinned is not None,
+                       lambda p, metrics: FakeCaller(p, answers, sent), lambda p: Slots(p.name, held),
+                       clock=lambda: clock[0])
+    return r, sent, held, clock
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_router_falls_back_along_the_chain_with_each_providers_url_and_slots():
+    r, sent, held, _ = router({"primary": Outcome(503), "azure": Outcome(None, error_code="request_timeout"),
+                               "last": Outcome(200, body={})})
+    outcome, via = run(r.send(b"{}", lambda: False))
+    assert (outcome.status_code, via) == (200, "last")
+    assert [name for name, _ in sent] == ["primary", "azure", "last"] == held
+    assert sent[1][1] == "https://res.openai.azure.com/openai/deployments/dep/chat/completions?api-version=2024-10-21"
+    assert r.metrics.counts == {"upstream_fallback|primary": 1, "upstream_fallback|azure": 1}
+
+
+def test_router_stops_at_an_answer_a_4xx_or_a_stopped_batch():
+    r, sent, _, _ = router({"primary": Outcome(400), "azure": Outcome(200), "last": Outcome(200)})
+    assert run(r.send(b"{}", lambda: False))[1] == "primary" and len(sent) == 1
+    r, sent, _, _ = router({"primary": Outcome(503), "azure": Outcome(200), "last": Outcome(200)})
+    outcome, via = run(r.send(b"{}", lambda: True))  # cancelled while it was being sent: no fallback
+    assert (outcome.status_code, via) == (503, "primary") and len(sent) == 1
+
+
+def test_router_skips_what_the_tenant_may_not_use_and_the_last_is_always_tried():
+    r, sent, _, _ = router({"primary": Outcome(503), "azure": Outcome(200), "last": Outcome(502)},
+                           tenant="no-azure")
+    outcome, via = run(r.send(b"{}", lambda: False))
+    assert (outcome.status_code, via) == (502, "last") and [n for n, _ in sent] == ["primary", "last"]
+
+
+def test_router_goes_around_an_open_circuit():
+    r, sent, _, clock = router({"primary": Outcome(None, error_code="upstream_connect_refused"),
+                                "azure": Outcome(200), "last": Outcome(200)})
+    for t in (0, 0.5, 1.0):
+        clock[0] = t
+        assert run(r.send(b"{}", lambda: False))[1] == "azure"
+    assert r.legs["primary"].circuit.is_open and r.metrics.counts["upstream_circuit_opened|primary"] == 1
+    sent.clear()
+    clock[0] = 2.0
+    assert run(r.send(b"{}", lambda: False))[1] == "azure" and [n for n, _ in sent] == ["azure"]
+    clock[0] = 31.0  # circuit_retry_after_s (30) later: one probe, which fails and is passed on
+    assert run(r.send(b"{}", lambda: False))[1] == "azure" and [n for n, _ in sent[1:]] == ["primary", "azure"]
+
+
+def test_a_pinned_batch_takes_no_share():
+    r, sent, _, _ = router({"primary": Outcome(200), "azure": Outcome(200), "last": Outcome(200)}, pinned="last")
+    assert {run(r.send(b"{}", lambda: False))[1] for _ in range(8)} == {"last"}
+    assert r.group == [r.registry.get("last")] and r.picker is None

@@ -63,7 +63,7 @@ def fallback_chain(registry: ProviderRegistry, tenant: str, first: Provider) -> 
 
 
 class SmoothWeighted:
-    """Smooth weighted round robin (nginx's): each pick goes to the largest running credit, which then pays the total."""
+    """Smooth weighted round robin (nginx's): each pick goes to the largest running credit, which pays the total."""
 
     def __init__(self, weights: dict[str, float]) -> None:
         self.weights = dict(weights)
