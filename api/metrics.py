@@ -23,6 +23,8 @@ _COUNTERS = {
     "upstream_failed": ("batchgate_upstream_requests_failed", "Requests that ended in the error file"),
     "upstream_retried": ("batchgate_upstream_requests_retried", "Requests that needed at least one retry"),
     "upstream_429": ("batchgate_upstream_429", "429 answers from the upstream"),
+    "upstream_fallback": ("batchgate_upstream_fallbacks", "Requests passed on to a fallback provider, by the one left"),
+    "upstream_circuit_opened": ("batchgate_upstream_circuit_opened", "Times a provider's circuit breaker opened"),
 }
 
 

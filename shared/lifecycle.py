@@ -126,6 +126,7 @@ class BatchState:
     updated_at: int
     timestamps: dict[str, int] = field(default_factory=dict)
     provider: str | None = None  # named at create, or settled when the chunks are planned
+    pinned: bool = False  # the provider was named at create (header or virtual key): it takes no share by weight
     model: str | None = None
     total: int = 0
     n_chunks: int | None = None  # None until planned
@@ -188,7 +189,7 @@ class BatchRecord:
         state = BatchState(
             status=f["status"], updated_at=int(f.get("updated_at") or f["created_at"]),
             timestamps={name: int(f[name]) for name in KEPT_TIMESTAMPS if f.get(name)},
-            provider=f.get("provider") or None, model=f.get("model") or None, total=int(f.get("total") or 0),
+            provider=f.get("provider") or None, pinned=f.get("provider_pinned") == "1", model=f.get("model") or None, total=int(f.get("total") or 0),
             n_chunks=_int(f.get("n_chunks")), stop=f.get("stop") or None,
             completed=_int(f.get("completed")), failed=_int(f.get("failed")), usage=_json(f.get("usage")),
             cancelled=_int(f.get("cancelled")) or 0, expired=_int(f.get("expired")) or 0,

@@ -41,13 +41,17 @@ class LineError(msgspec.Struct):
     message: str
 
 
-class ResultLine(msgspec.Struct):
-    """`{id, custom_id, response, error}`: a line of the output file (2xx) or of the error file (anything else)."""
+class ResultLine(msgspec.Struct, omit_defaults=True):
+    """`{id, custom_id, response, error}`: a line of the output file (2xx) or of the error file (anything else).
+
+    `provider`, an extension, names the provider that answered (after any fallback); it is left out of lines of
+    requests never sent (cancelled, expired, given up)."""
 
     id: str
     custom_id: str
     response: LineResponse | None
     error: LineError | None
+    provider: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -88,10 +92,12 @@ def encode(line: ResultLine) -> bytes:
     return _encoder.encode(line)
 
 
-def response_line(batch_id: str, line_no: int, custom_id: str, status_code: int, request_id: str, body: Any
-                  ) -> ResultLine:
-    return ResultLine(batch_request_id(batch_id, line_no), custom_id, LineResponse(status_code, request_id, body), None)
+def response_line(batch_id: str, line_no: int, custom_id: str, status_code: int, request_id: str, body: Any,
+                  provider: str | None = None) -> ResultLine:
+    return ResultLine(batch_request_id(batch_id, line_no), custom_id, LineResponse(status_code, request_id, body), None,
+                      provider)
 
 
-def error_line(batch_id: str, line_no: int, custom_id: str, code: str, message: str) -> ResultLine:
-    return ResultLine(batch_request_id(batch_id, line_no), custom_id, None, LineError(code, message))
+def error_line(batch_id: str, line_no: int, custom_id: str, code: str, message: str, provider: str | None = None
+               ) -> ResultLine:
+    return ResultLine(batch_request_id(batch_id, line_no), custom_id, None, LineError(code, message), provider)

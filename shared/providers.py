@@ -19,6 +19,17 @@ Configured in a TOML file named by BATCHGATE_PROVIDERS_FILE (every key, commente
                                          # embeddings of over 256 inputs per request or several images (README
                                          # "Upstream answer sizes"), and keep max_concurrency x it within memory
 
+    kind = "openai"                      # or "azure": {base_url}/openai/deployments/{deployment}/...?api-version=
+    api_version = "2024-10-21"           # azure only (required there)
+    deployments = { "gpt-4o-mini" = "my-4o-mini" }   # azure: model -> deployment; default: the model name
+    auth = "bearer"                      # or "api-key" (azure's default) or "none": how the key is sent
+    headers = { "x-team" = "research" }  # added to every request
+    query = { "source" = "batchgate" }   # added to every request's URL
+    fallbacks = ["local-vllm"]           # tried in order for a request that failed here after its retries
+    weight = 3                           # among providers serving the same model, share requests by weight
+    circuit_open_after_s = 30            # failing every request this long: requests go to fallbacks at once
+    circuit_retry_after_s = 30           # ... until a probe request after this long succeeds
+
     [tenants.team-a]
     providers = ["openai"]               # a tenant listed here may use only these; others may use any
     webhook_url = "https://hooks.team-a.example/batchgate"   # its host must be in BATCHGATE_WEBHOOK_ALLOWED_HOSTS
@@ -37,18 +48,30 @@ import fnmatch
 import os
 import tomllib
 from functools import lru_cache
-from urllib.parse import urlsplit
+from typing import Literal
+from urllib.parse import quote, urlencode, urlsplit
 
 from pydantic import BaseModel, Field, SecretStr, model_validator
 
 from shared.settings import DEFAULT_MAX_RESPONSE_BYTES, Settings, get_settings
 
 
+# Azure OpenAI's paths under /openai/deployments/{deployment}; /v1/responses is not per deployment there.
+AZURE_UNDEPLOYED = {"/responses": "/openai/responses"}
+
+
 class Provider(BaseModel):
     name: str
     base_url: str
+    kind: Literal["openai", "azure"] = "openai"
     api_key: SecretStr = SecretStr("")
     api_key_env: str | None = None
+    auth: Literal["bearer", "api-key", "none"] | None = Field(
+        default=None, description="how the key is sent; default api-key for azure, bearer otherwise")
+    api_version: str | None = Field(default=None, description="azure: the api-version query parameter (required)")
+    deployments: dict[str, str] = Field(default_factory=dict, description="azure: model -> deployment name")
+    headers: dict[str, str] = Field(default_factory=dict, description="added to every request")
+    query: dict[str, str] = Field(default_factory=dict, description="query parameters added to every request")
     models: list[str] = Field(default_factory=list)
     max_concurrency: int = Field(default=64, ge=1, le=4096)
     timeout_s: float = Field(default=120.0, gt=0)
@@ -58,10 +81,21 @@ class Provider(BaseModel):
     max_inflight: int = Field(default=0, ge=0, description="requests in flight across all workers; 0 = unlimited")
     max_response_bytes: int = Field(default=DEFAULT_MAX_RESPONSE_BYTES, ge=1,
                                     description="largest answer body kept (decoded bytes); larger is response_too_large")
+    fallbacks: list[str] = Field(default_factory=list,
+                                 description="providers tried in order for a request that failed here after retries")
+    weight: float = Field(default=1.0, gt=0, le=1000,
+                          description="share of the requests among providers serving the same model")
+    circuit_open_after_s: float = Field(default=30.0, gt=0,
+                                        description="every request failing this long opens the circuit breaker")
+    circuit_retry_after_s: float = Field(default=30.0, gt=0, description="an open circuit is probed again after this")
 
     @model_validator(mode="after")
     def _normalise(self) -> "Provider":
         self.base_url = self.base_url.rstrip("/")
+        if self.auth is None:
+            self.auth = "api-key" if self.kind == "azure" else "bearer"
+        if self.kind == "azure" and not self.api_version:
+            raise ValueError(f"provider {self.name!r}: kind = \"azure\" needs api_version")
         return self
 
     def secret(self) -> str:
@@ -69,10 +103,28 @@ class Provider(BaseModel):
             return os.environ.get(self.api_key_env, "")
         return self.api_key.get_secret_value()
 
-    def url_for(self, endpoint: str) -> str:
-        """The upstream URL of a batch endpoint such as '/v1/chat/completions'."""
+    def auth_headers(self) -> dict[str, str]:
+        """The headers that carry the key (none without a key, or with auth = "none")."""
+        secret = self.secret()
+        if not secret or self.auth == "none":
+            return {}
+        return {"api-key": secret} if self.auth == "api-key" else {"authorization": f"Bearer {secret}"}
+
+    def deployment(self, model: str | None) -> str:
+        """azure: the deployment serving `model` (the model's own name unless `deployments` maps it)."""
+        return self.deployments.get(model or "", model or "")
+
+    def url_for(self, endpoint: str, model: str | None = None) -> str:
+        """The upstream URL of a batch endpoint such as '/v1/chat/completions', for a batch of `model`."""
         path = endpoint.removeprefix("/v1")
-        return f"{self.base_url}{path}"
+        query = dict(self.query)
+        if self.kind == "azure":
+            if path in AZURE_UNDEPLOYED:
+                path = AZURE_UNDEPLOYED[path]
+            else:
+                path = f"/openai/deployments/{quote(self.deployment(model), safe='')}{path}"
+            query["api-version"] = self.api_version or ""
+        return f"{self.base_url}{path}" + (f"?{urlencode(query)}" if query else "")
 
     def serves(self, model: str) -> bool:
         return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
@@ -95,6 +147,10 @@ class ProviderRegistry:
             raise ValueError(f"default provider {default!r} is not configured")
         self.default = default
         self.tenants = tenants or {}
+        for provider in providers:
+            unknown = [name for name in provider.fallbacks if name not in self.providers or name == provider.name]
+            if unknown:
+                raise ValueError(f"provider {provider.name!r}: fallbacks name unknown providers or itself: {unknown}")
         for tenant, config in self.tenants.items():
             unknown = set(config.providers or ()) - set(self.providers)
             if unknown:

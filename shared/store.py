@@ -134,6 +134,7 @@ class Store(ExecutionStore, OpsStore, SchedulerStore, IdempotencyStore):
         fields = {**spec.hash_fields(), "status": "validating", "updated_at": str(spec.created_at), "total": "0"}
         if provider:
             fields["provider"] = provider
+            fields["provider_pinned"] = "1"  # the plan may rewrite `provider`, never this
         pipe = self.r.pipeline(transaction=True)
         pipe.hset(keys.batch(spec.id), mapping=fields)
         pipe.zadd(keys.batches_index(spec.scope), {spec.id: seq})

@@ -28,6 +28,10 @@ def test_the_example_loads_with_the_real_loader(monkeypatch):
     assert registry.for_model("meta-llama/Llama-3.1-8B-Instruct") is vllm
     assert registry.for_model("unknown-model") is openai
     assert openai.url_for("/v1/chat/completions") == "https://api.openai.com/v1/chat/completions"
+    assert registry.get("azure").url_for("/v1/chat/completions", "gpt-4o-mini") == (
+        "https://myres.openai.azure.com/openai/deployments/my-4o-mini/chat/completions?api-version=2024-10-21")
+    assert registry.get("azure").auth == "api-key" and openai.auth == "bearer"
+    assert openai.fallbacks == ["azure"] and openai.weight == 3 and registry.get("azure").weight == 1
     assert not registry.allowed("team-a", "local-vllm") and registry.allowed("team-b", "local-vllm")
     assert registry.webhook("team-a") is not None and registry.webhook("team-b") is None
     assert registry.tenants["team-a"].weight == 2 and registry.tenants["team-a"].max_enqueued_requests == 100000

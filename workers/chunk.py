@@ -22,6 +22,7 @@ from shared.lifecycle import BatchRecord, Ending
 from shared.lines import InputLine, ResultLine
 from shared.providers import Provider
 from shared.store_exec import ChunkCommit, ChunkSpec, Segment, SegmentRejected
+from workers.routing import Router
 from workers.runtime import Runtime
 from workers.upstream import UpstreamCaller
 from workers.usage import Usage
@@ -151,15 +152,15 @@ class RunState:
     senders: list[asyncio.Task] = field(default_factory=list)
 
 
-def _flush_metrics(rt: Runtime, caller: UpstreamCaller) -> None:
-    if caller.limiter is not None and caller.limiter.waited_s:
-        caller.metrics.inc("limiter_wait_ms", caller.provider.name, int(caller.limiter.waited_s * 1000))
-        caller.limiter.waited_s = 0.0
-    caller.metrics.flush(rt.store)
+def _flush_metrics(rt: Runtime, router: Router) -> None:
+    for caller in router.callers():
+        if caller.limiter is not None and caller.limiter.waited_s:
+            router.metrics.inc("limiter_wait_ms", caller.provider.name, int(caller.limiter.waited_s * 1000))
+            caller.limiter.waited_s = 0.0
+    router.metrics.flush(rt.store)
 
 
-async def _heartbeat(rt: Runtime, batch_id: str, writer: SegmentWriter, state: RunState, caller: UpstreamCaller
-                     ) -> None:
+async def _heartbeat(rt: Runtime, batch_id: str, writer: SegmentWriter, state: RunState, router: Router) -> None:
     settings = rt.settings
     while True:
         await asyncio.sleep(settings.progress_interval_s)
@@ -171,7 +172,7 @@ async def _heartbeat(rt: Runtime, batch_id: str, writer: SegmentWriter, state: R
             writer.try_flush()
             if not writer.rejected:
                 rt.store.renew_lease(batch_id, writer.index, writer.token, settings.chunk_lease_s)
-            _flush_metrics(rt, caller)
+            _flush_metrics(rt, router)
         except Exception:  # noqa: BLE001 - a Redis blip must not stop the requests in flight
             log.warning("heartbeat of %s chunk %d failed", batch_id, writer.index, exc_info=True)
 
@@ -183,16 +184,18 @@ async def send_requests(rt: Runtime, provider: Provider, record: BatchRecord,
 
     The senders share the process's slots for the provider with every other chunk the process runs, so a chunk
     started while this one's last wave is in flight fills each slot as it frees. `on_drained` is called once every
-    request has been taken by a sender.
+    request has been taken by a sender. Which provider each request goes to (weights, fallbacks, circuit breakers)
+    is the router's (workers/routing.py); each provider has its own slots, limiter and session.
     """
     settings = rt.settings
     batch_id = record.id
     state = RunState(stop=rt.store.stop_reason(batch_id))
-    caller = UpstreamCaller(rt.session(provider), provider, base_s=settings.retry_base_s, max_s=settings.retry_max_s,
-                            limiter=rt.limiter(provider))
-    url = provider.url_for(record.spec.endpoint)
+    router = Router(
+        rt.providers, record.spec.tenant, record.spec.endpoint, record.state.model, provider, record.state.pinned,
+        lambda p, metrics: UpstreamCaller(rt.session(p), p, base_s=settings.retry_base_s, max_s=settings.retry_max_s,
+                                          limiter=rt.limiter(p), metrics=metrics),
+        rt.slots)
     durable_every = settings.durable_every_lines or provider.max_concurrency
-    slots = rt.slots(provider)
 
     def pull():
         yield from requests
@@ -210,20 +213,19 @@ async def send_requests(rt: Runtime, provider: Provider, record: BatchRecord,
             if state.stop:
                 writer.add(pos, wire.error_line(batch_id, line_no, request.custom_id, *STOP_ERRORS[state.stop]))
             else:
-                async with slots:
-                    outcome = await caller.send(url, bytes(request.body), should_stop=stopped)
+                outcome, via = await router.send(bytes(request.body), stopped)
                 if outcome.status_code is None:
                     line = wire.error_line(batch_id, line_no, request.custom_id,
-                                           outcome.error_code or "request_failed", outcome.error_message or "")
+                                           outcome.error_code or "request_failed", outcome.error_message or "", via)
                 else:
                     line = wire.response_line(batch_id, line_no, request.custom_id, outcome.status_code,
-                                              outcome.request_id or "", outcome.body)
+                                              outcome.request_id or "", outcome.body, via)
                 writer.add(pos, line, outcome.body if outcome.ok else None)
             if len(writer.pending) >= durable_every:
                 writer.try_flush()
 
-    heartbeat = asyncio.create_task(_heartbeat(rt, batch_id, writer, state, caller))
-    state.senders = [asyncio.create_task(sender()) for _ in range(min(provider.max_concurrency, len(requests)))]
+    heartbeat = asyncio.create_task(_heartbeat(rt, batch_id, writer, state, router))
+    state.senders = [asyncio.create_task(sender()) for _ in range(min(router.concurrency, len(requests)))]
     if not state.senders:
         on_drained()
     try:
@@ -237,7 +239,7 @@ async def send_requests(rt: Runtime, provider: Provider, record: BatchRecord,
     finally:
         heartbeat.cancel()
         await asyncio.gather(heartbeat, return_exceptions=True)
-        _flush_metrics(rt, caller)
+        _flush_metrics(rt, router)
     # Whatever did not finish: cut off by expiry, or by the chunk's time limit.
     unfinished = STOP_ERRORS["expired"] if state.stop == "expired" else DEADLINE
     for pos, line_no, request in requests:

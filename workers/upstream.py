@@ -31,7 +31,7 @@ import sys
 import time
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import quote, quote_plus
 
 import aiohttp
@@ -449,10 +449,10 @@ def classify_failure(exc: BaseException, answered: bool, timeout_s: float) -> tu
 
 
 def upstream_headers(provider: Provider) -> dict[str, str]:
+    """Every request's headers, built once per caller: the provider's `headers`, then its key as its `auth` says."""
     headers = {"content-type": "application/json"}
-    secret = provider.secret()
-    if secret:
-        headers["authorization"] = f"Bearer {secret}"
+    headers.update({name.lower(): value for name, value in provider.headers.items()})
+    headers.update(provider.auth_headers())
     return headers
 
 
@@ -471,6 +471,7 @@ class UpstreamCaller:
         self.headers = upstream_headers(provider)
         self.timeout = aiohttp.ClientTimeout(total=provider.timeout_s)
         self.rules = ResponseRules.of(provider)
+        self.on_outcome: Callable[[Outcome], None] | None = None  # told every attempt's outcome (workers/routing.py)
 
     def _wait(self, state: RetryCallState) -> float:
         outcome: Outcome = state.outcome.result()  # type: ignore[union-attr]
@@ -487,6 +488,8 @@ class UpstreamCaller:
         started = time.monotonic()
         outcome = await send_once(self.session, self.rules, url, body, self.headers, self.timeout)
         reachability.observe(self.provider, outcome)  # one warning when a provider cannot be reached at all
+        if self.on_outcome is not None:
+            self.on_outcome(outcome)
         name = self.provider.name
         self.metrics.observe_latency(name, time.monotonic() - started)
         self.metrics.inc("upstream_sent", name)
