@@ -243,11 +243,13 @@ def test_adaptive_limit_finds_an_upstreams_capacity(make_stack):
     stack.start_worker("w1", 2)
     stack.start_beat()
     client = stack.client()
+    began = time.monotonic()
     final = wait_terminal(client, submit(client, chat_lines(2000)).id, timeout=240)
+    took = time.monotonic() - began
     stats = httpx.get(f"{upstream}/stats", timeout=5).json()
     share = stats["by_status"].get("429", 0) / stats["answers"]
     print(f"upstream answers {stats['answers']}, 429s {stats['by_status'].get('429', 0)} ({share:.1%}), "
-          f"peak in flight {stats['peak_inflight']}")
+          f"peak in flight {stats['peak_inflight']}, {took:.1f} s")
     assert final.status == "completed" and final.request_counts.failed == 0, final.request_counts
     assert_exactly_once(client, final, {f"req-{i}" for i in range(2000)})
     assert stats["by_status"].get("200", 0) == 2000
