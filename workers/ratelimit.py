@@ -86,6 +86,8 @@ class ProviderLimiter:
         return min(self.provider.adaptive_min, ceiling), ceiling
 
     async def wait_turn(self, tokens: int) -> None:
+        if self.adaptive and not (self.us_per_request or self.us_per_token):
+            return  # nothing to schedule; the adaptive slot itself waits out a pause
         wait_us = await self.store.reserve(self.provider.name, self.us_per_request, self.us_per_token, tokens)
         if wait_us > 0:
             self.waited_s += wait_us / 1_000_000
