@@ -34,7 +34,8 @@ RPM_MARGIN = 1.01  # a hair under the limit, so a sliding-window counter upstrea
 # The adaptive limit's constants (lua.ADAPTIVE_RELEASE explains each).
 CONGESTION_STATUS = frozenset({429, 503})
 ADAPTIVE_COOLDOWN_MS = 500  # at most one halving per this long
-ADAPTIVE_PROBE = 4  # successes per +1 near the level of the last decrease: `limit` x this
+ADAPTIVE_PROBE = 8  # successes per +1 near the level of the last decrease: `limit` x this (a plateau where
+#                     congestion was met, so it is met again less often: each meeting costs a halving and a pause)
 ADAPTIVE_LATENCY_FACTOR = 2.0  # smoothed latency over this x its running minimum is congestion
 ADAPTIVE_TTL_MS = 3_600_000  # the learned limit is forgotten after an hour without requests
 CEILING_REFRESH_S = 10.0  # how often the worker processes announced in Redis are counted again
