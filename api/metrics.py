@@ -99,7 +99,8 @@ class RedisCollector:
                                   "Requests in flight the adaptive (AIMD) limit allows now, across every worker",
                                   labels=["provider"])
         cuts = CounterMetricFamily("batchgate_upstream_adaptive_decreases",
-                                   "Times the adaptive limit was halved (429, 503 or rising latency)", labels=["provider"])
+                                   "Times the adaptive limit was halved (429, 503 or rising latency)",
+                                   labels=["provider"])
         for provider in sorted(adaptive, key=lambda p: p.name):
             view = provider_limits(self.store, provider)["adaptive_limit"]
             limit.add_metric([provider.name], view["current"])
