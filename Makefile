@@ -36,6 +36,7 @@ bench: venv
 	$(BIN)/python -m bench.memory
 	$(BIN)/python -m bench.api
 	$(BIN)/python -m bench.ratelimit
+	$(BIN)/python -m bench.adaptive
 
 clean:
 	rm -rf $(VENV) data .pytest_cache *.egg-info

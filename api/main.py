@@ -62,7 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.blobs = make_blob_store(settings)
     app.state.keyring = KeyRing.from_settings(settings)
     app.state.providers = ProviderRegistry.from_settings(settings)
-    app.state.metrics_registry = make_registry(app.state.store)
+    app.state.metrics_registry = make_registry(app.state.store, app.state.providers)
     if settings.dev_mode and not settings.api_keys:
         # Printed rather than logged: the log filter masks anything shaped like a key, and this one is public.
         print(f"development mode: accepting the API key {DEV_API_KEY}", file=sys.stderr, flush=True)

@@ -13,6 +13,7 @@ from prometheus_client.core import (
 )
 
 from shared import metrics
+from shared.providers import Provider, ProviderRegistry
 from shared.queue import CHUNKS_QUEUE, CONTROL_QUEUE
 from shared.lifecycle import ACTIVE as ACTIVE_STATUSES
 from shared.store import Store
@@ -28,9 +29,33 @@ _COUNTERS = {
 }
 
 
+def provider_limits(store: Store, provider: Provider) -> dict:
+    """A provider's limits as the operators see them (GET /admin/providers, the adaptive gauge): the configured
+    ones, requests in flight across every worker, and for `adaptive = true` the limit AIMD holds now."""
+    state = store.limiter_state(provider.name)
+    view = {"name": provider.name, "max_concurrency": provider.max_concurrency, "max_inflight": provider.max_inflight,
+            "rpm": provider.rpm, "tpm": provider.tpm, "adaptive": provider.adaptive,
+            "adaptive_min": provider.adaptive_min, "in_flight": state["in_flight"], "paused_ms": state["paused_ms"],
+            "adaptive_limit": None}
+    if provider.adaptive:
+        processes = store.pool_processes()
+        ceiling = provider.max_inflight or provider.max_concurrency * max(1, processes)
+        floor = min(provider.adaptive_min, ceiling)
+        adaptive = state["adaptive"]
+        current = float(adaptive.get("limit", floor))
+        view["adaptive_limit"] = {
+            "current": int(max(floor, min(ceiling, current))),  # the cap applied: the limit's whole part
+            "min": floor, "max": ceiling, "decreases": int(adaptive.get("cuts", 0)),
+            "latency_ewma_ms": round(float(adaptive["ewma_ms"]), 1) if "ewma_ms" in adaptive else None,
+            "latency_base_ms": round(float(adaptive["base_ms"]), 1) if "base_ms" in adaptive else None,
+        }
+    return view
+
+
 class RedisCollector:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, providers: ProviderRegistry | None = None) -> None:
         self.store = store
+        self.providers = providers
 
     def collect(self):
         counters = self.store.metric_counters()
@@ -68,6 +93,22 @@ class RedisCollector:
 
         yield from self._active()
         yield from self._latency()
+        yield from self._adaptive()
+
+    def _adaptive(self):
+        adaptive = [p for p in (self.providers.providers.values() if self.providers else ()) if p.adaptive]
+        limit = GaugeMetricFamily("batchgate_upstream_adaptive_limit",
+                                  "Requests in flight the adaptive (AIMD) limit allows now, across every worker",
+                                  labels=["provider"])
+        cuts = CounterMetricFamily("batchgate_upstream_adaptive_decreases",
+                                   "Times the adaptive limit was halved (429, 503 or rising latency)",
+                                   labels=["provider"])
+        for provider in sorted(adaptive, key=lambda p: p.name):
+            view = provider_limits(self.store, provider)["adaptive_limit"]
+            limit.add_metric([provider.name], view["current"])
+            cuts.add_metric([provider.name], view["decreases"])
+        yield limit
+        yield cuts
 
     def _active(self):
         statuses, oldest_created = self.store.active_statuses()
@@ -101,7 +142,7 @@ class RedisCollector:
         yield family
 
 
-def make_registry(store: Store) -> CollectorRegistry:
+def make_registry(store: Store, providers: ProviderRegistry | None = None) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(RedisCollector(store))
+    registry.register(RedisCollector(store, providers))
     return registry

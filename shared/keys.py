@@ -118,3 +118,18 @@ def webhook_event(event_id: str) -> str:
 def rate_limit(provider: str) -> str:
     """The stem of a provider's shared limiter keys."""
     return f"{PREFIX}:rl:{provider}"
+
+
+def rate_limit_pause(provider: str) -> str:
+    """µs until which no request goes to the provider (a Retry-After)."""
+    return f"{rate_limit(provider)}:pause"
+
+
+def rate_limit_inflight(provider: str) -> str:
+    """zset holder -> lease expiry (ms): the provider's requests in flight across every worker."""
+    return f"{rate_limit(provider)}:inflight"
+
+
+def adaptive_limit(provider: str) -> str:
+    """A provider's adaptive (AIMD) in-flight limit and what it is derived from (hash; shared/lua.py ADAPTIVE_*)."""
+    return f"{rate_limit(provider)}:adaptive"

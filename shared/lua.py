@@ -342,3 +342,115 @@ if redis.call('HGET', KEYS[1], 'state') == 'pending' and redis.call('HGET', KEYS
 end
 return 0
 """
+
+# ---- a provider's adaptive in-flight limit (workers/ratelimit.py AdaptiveLimit, shared/store_ratelimit.py) ------
+# State hash fields: limit (float), acks (successes toward the next +1), cut_at (ms of the last decrease),
+# cut_level (the limit just before it; 0 = no congestion seen yet), ewma_ms and base_ms (smoothed latency and its
+# running minimum), samples, cuts (decreases so far). The in-flight holders are the zset of `max_inflight`, scored
+# by lease expiry, so a killed worker's slots lapse with their lease. The pause key holds µs (see PAUSE).
+
+# KEYS: 1 holders zset, 2 state hash, 3 pause-until. ARGV: 1 holder, 2 lease ms, 3 floor, 4 ceiling.
+# Returns {1, 0} when the holder got a slot, {0, 0} when every slot is taken, {0, ms} while the provider is paused.
+ADAPTIVE_ACQUIRE = """
+local t = redis.call('TIME')
+local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now = math.floor(now_us / 1000)
+local pause = tonumber(redis.call('GET', KEYS[3]) or '0') or 0
+if pause > now_us then return {0, math.ceil((pause - now_us) / 1000)} end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local floor, ceiling = tonumber(ARGV[3]), tonumber(ARGV[4])
+local limit = tonumber(redis.call('HGET', KEYS[2], 'limit') or '') or floor
+limit = math.max(floor, math.min(ceiling, limit))
+if redis.call('ZCARD', KEYS[1]) < math.floor(limit) then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+  return {1, 0}
+end
+return {0, 0}
+"""
+
+# The AIMD step, on one request's outcome. KEYS: 1 holders zset, 2 state hash, 3 pause-until.
+# ARGV: 1 holder ("" for none), 2 lease ms, 3 floor, 4 ceiling, 5 signal (1 success, 2 congestion: a 429 or 503,
+# 0 anything else: no change), 6 latency ms of a success (-1 unknown), 7 Retry-After ms (0 none), 8 cool-down ms,
+# 9 probe factor, 10 latency factor, 11 state ttl ms.
+# - A success counts toward +1: one success per +1 until the first congestion (the limit doubles every round trip,
+#   TCP's slow start); then `limit` successes per +1 (one round trip), twice as fast below the level of the last
+#   decrease, and `probe factor` times slower within 2 of that level, where congestion was met last time.
+# - Congestion halves the limit (not below the floor), at most once per cool-down, and only for a request sent
+#   after the last decrease: the rest of a burst of 429s answers requests sent under the old limit.
+# - Latency: an EWMA of successes' latency (alpha 1/20) against its running minimum (which drifts up slowly, so a
+#   lasting change of the upstream is learned); an EWMA over `latency factor` x that minimum is congestion.
+# - A congestion answer with Retry-After pauses the provider until it passes (never shortens a pause).
+# Returns {limit (string), change: 1 up, -1 down, 0 none}.
+ADAPTIVE_RELEASE = """
+local t = redis.call('TIME')
+local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now = math.floor(now_us / 1000)
+local lease = tonumber(ARGV[2])
+local sent_at = 0
+if ARGV[1] ~= '' then
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+  if score then sent_at = tonumber(score) - lease end
+  redis.call('ZREM', KEYS[1], ARGV[1])
+end
+local floor, ceiling = tonumber(ARGV[3]), tonumber(ARGV[4])
+local signal, latency = tonumber(ARGV[5]), tonumber(ARGV[6])
+local retry_after, cooldown = tonumber(ARGV[7]), tonumber(ARGV[8])
+local probe, lat_factor = tonumber(ARGV[9]), tonumber(ARGV[10])
+if signal == 2 and retry_after > 0 then
+  local until_us = now_us + retry_after * 1000
+  if until_us > (tonumber(redis.call('GET', KEYS[3]) or '0') or 0) then
+    redis.call('SET', KEYS[3], until_us, 'PX', retry_after + 1000)
+  end
+end
+if signal == 0 then return {redis.call('HGET', KEYS[2], 'limit') or tostring(floor), 0} end
+local f = redis.call('HMGET', KEYS[2], 'limit', 'acks', 'cut_at', 'cut_level', 'ewma_ms', 'base_ms', 'samples', 'cuts')
+local limit = tonumber(f[1] or '') or floor
+limit = math.max(floor, math.min(ceiling, limit))
+local acks = tonumber(f[2] or '') or 0
+local cut_at = tonumber(f[3] or '') or 0
+local cut_level = tonumber(f[4] or '') or 0
+local ewma = tonumber(f[5] or '')
+local base = tonumber(f[6] or '')
+local samples = tonumber(f[7] or '') or 0
+local cuts = tonumber(f[8] or '') or 0
+local congested = signal == 2
+if signal == 1 and latency >= 0 then
+  samples = samples + 1
+  if ewma == nil then ewma = latency else ewma = ewma + (latency - ewma) / 20 end
+  if samples >= 20 then
+    if base == nil or ewma < base then base = ewma else base = base + (ewma - base) / 500 end
+    if ewma > lat_factor * base then congested = true end
+  end
+end
+local change = 0
+if congested then
+  if sent_at > cut_at and now - cut_at >= cooldown then
+    cut_level = limit
+    limit = math.max(floor, limit / 2)
+    cut_at = now
+    acks = 0
+    cuts = cuts + 1
+    change = -1
+  end
+else
+  acks = acks + 1
+  local need = limit
+  if cut_level == 0 then need = 1
+  elseif limit < cut_level - 2 then need = limit / 2
+  elseif limit < cut_level + 2 then need = limit * probe end
+  if acks >= need then
+    acks = 0
+    if limit < ceiling then
+      limit = math.min(ceiling, limit + 1)
+      change = 1
+    end
+  end
+end
+local fields = {'limit', tostring(limit), 'acks', acks, 'cut_at', cut_at, 'cut_level', tostring(cut_level),
+                'samples', samples, 'cuts', cuts, 'updated', now}
+if ewma ~= nil then fields[#fields + 1] = 'ewma_ms'; fields[#fields + 1] = tostring(ewma) end
+if base ~= nil then fields[#fields + 1] = 'base_ms'; fields[#fields + 1] = tostring(base) end
+redis.call('HSET', KEYS[2], unpack(fields))
+redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[11]))
+return {tostring(limit), change}
+"""

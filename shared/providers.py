@@ -14,6 +14,8 @@ Configured in a TOML file named by BATCHGATE_PROVIDERS_FILE (every key, commente
     rpm = 3500                           # shared by every worker process, through Redis
     tpm = 2000000
     max_inflight = 256
+    adaptive = true                      # requests in flight across all workers found by AIMD (workers/ratelimit.py),
+    adaptive_min = 4                     # between adaptive_min and max_inflight (else max_concurrency x processes)
     max_response_bytes = 8388608         # decoded answer bodies over this are dropped as response_too_large;
                                          # default 8 MiB (or BATCHGATE_UPSTREAM_MAX_RESPONSE_BYTES); raise it for
                                          # embeddings of over 256 inputs per request or several images (README
@@ -88,6 +90,8 @@ class Provider(BaseModel):
     circuit_open_after_s: float = Field(default=30.0, gt=0,
                                         description="every request failing this long opens the circuit breaker")
     circuit_retry_after_s: float = Field(default=30.0, gt=0, description="an open circuit is probed again after this")
+    adaptive: bool = Field(default=False, description="AIMD limit on requests in flight across all workers")
+    adaptive_min: int = Field(default=4, ge=1, le=4096, description="the adaptive limit never goes below this")
 
     @model_validator(mode="after")
     def _normalise(self) -> "Provider":

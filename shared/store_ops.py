@@ -93,6 +93,19 @@ class OpsStore:
     def due_webhook_events(self, now: float, limit: int = 500) -> list[str]:
         return self.r.zrangebyscore(keys.WEBHOOKS_PENDING, "-inf", now, start=0, num=limit)
 
+    def limiter_state(self, provider: str) -> dict:
+        """A provider's shared limiter as the operators' views show it: its adaptive state (the hash of
+        lua.ADAPTIVE_RELEASE, empty before the first outcome), requests in flight, ms it stays paused."""
+        t_s, t_us = self.r.time()
+        now_ms = t_s * 1000 + t_us // 1000
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hgetall(keys.adaptive_limit(provider))
+        pipe.zcount(keys.rate_limit_inflight(provider), f"({now_ms}", "+inf")
+        pipe.get(keys.rate_limit_pause(provider))
+        state, inflight, pause_us = pipe.execute()
+        return {"adaptive": state, "in_flight": int(inflight),
+                "paused_ms": max(0, int(pause_us or 0) // 1000 - now_ms)}
+
     # ---- worker pool ------------------------------------------------------------------------------------------
 
     def announce_pool(self, node: str, processes: int, ttl_s: int) -> None:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import redis.asyncio as aioredis
 
-from shared import keys
+from shared import keys, lua
+
+POOL_CONNECTIONS = 32  # a worker process's connections for its limiters
 
 # KEYS: rpm tat, tpm tat, pause-until. ARGV: µs per request (0 = off), µs per token (0 = off), tokens.
 # Returns the µs to wait before sending.
@@ -59,15 +61,19 @@ class LimiterStore:
         self._reserve = client.register_script(RESERVE)
         self._pause = client.register_script(PAUSE)
         self._acquire = client.register_script(ACQUIRE_SLOT)
+        self._adaptive_acquire = client.register_script(lua.ADAPTIVE_ACQUIRE)
+        self._adaptive_release = client.register_script(lua.ADAPTIVE_RELEASE)
 
     @classmethod
     def from_url(cls, url: str) -> "LimiterStore":
-        return cls(aioredis.Redis.from_url(url))
+        # A blocking pool: more senders than connections wait for one (a plain pool raises past 100 at once).
+        pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=POOL_CONNECTIONS, timeout=30)
+        return cls(aioredis.Redis(connection_pool=pool))
 
     @staticmethod
     def _keys(provider: str) -> tuple[str, str, str, str]:
         base = keys.rate_limit(provider)
-        return f"{base}:rpm", f"{base}:tpm", f"{base}:pause", f"{base}:inflight"
+        return f"{base}:rpm", f"{base}:tpm", keys.rate_limit_pause(provider), keys.rate_limit_inflight(provider)
 
     async def reserve(self, provider: str, us_per_request: int, us_per_token: int, tokens: int) -> int:
         """Microseconds to wait before the next request may be sent."""
@@ -82,6 +88,34 @@ class LimiterStore:
 
     async def release_slot(self, provider: str, holder: str) -> None:
         await self.client.zrem(self._keys(provider)[3], holder)
+
+    # ---- the adaptive limit (AIMD; the decision is lua.ADAPTIVE_RELEASE) -------------------------------------
+
+    def _adaptive_keys(self, provider: str) -> list[str]:
+        _, _, pause, inflight = self._keys(provider)
+        return [inflight, keys.adaptive_limit(provider), pause]
+
+    async def adaptive_acquire(self, provider: str, holder: str, lease_ms: int, floor: int,
+                               ceiling: int) -> tuple[bool, int]:
+        """(got a slot, ms the provider stays paused: 0 when it is not)."""
+        got, paused_ms = await self._adaptive_acquire(keys=self._adaptive_keys(provider),
+                                                      args=[holder, lease_ms, floor, ceiling])
+        return bool(got), int(paused_ms)
+
+    async def adaptive_release(self, provider: str, holder: str | None, *, lease_ms: int, floor: int, ceiling: int,
+                               signal: int, latency_ms: int, retry_after_ms: int, cooldown_ms: int, probe: float,
+                               latency_factor: float, ttl_ms: int) -> tuple[float, int]:
+        """Frees the holder's slot and takes one AIMD step: (the limit now, +1 raised / -1 halved / 0 kept)."""
+        limit, change = await self._adaptive_release(
+            keys=self._adaptive_keys(provider),
+            args=[holder or "", lease_ms, floor, ceiling, signal, latency_ms, retry_after_ms, cooldown_ms, probe,
+                  latency_factor, ttl_ms])
+        return float(limit), int(change)
+
+    async def pool_processes(self) -> int:
+        """Worker processes announced by live workers (as shared/store_ops.py reads them; 0 when none has)."""
+        names = [name async for name in self.client.scan_iter(match=f"{keys.POOL_PREFIX}*", count=1000)]
+        return sum(int(v) for v in await self.client.mget(names) if v is not None) if names else 0
 
     async def close(self) -> None:
         await self.client.aclose()

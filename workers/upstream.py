@@ -502,10 +502,11 @@ class UpstreamCaller:
             return await self._send(url, body)
         await self.limiter.wait_turn(tokens)
         holder = await self.limiter.acquire_slot()
+        outcome, started = None, time.monotonic()
         try:
             outcome = await self._send(url, body)
-        finally:
-            await self.limiter.release_slot(holder)
+        finally:  # the outcome and its latency adjust an adaptive limit
+            await self.limiter.release_slot(holder, outcome, time.monotonic() - started)
         if outcome.status_code == 429:
             await self.limiter.pause(outcome.retry_after_s if outcome.retry_after_s is not None else self.base_s)
         return outcome

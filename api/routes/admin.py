@@ -6,7 +6,8 @@ import hmac
 
 from fastapi import APIRouter, Request
 
-from api.deps import SettingsDep, StoreDep
+from api.deps import ProvidersDep, SettingsDep, StoreDep
+from api.metrics import provider_limits
 from shared.errors import AuthenticationFailed
 
 router = APIRouter(prefix="/admin", tags=["admin"])
@@ -24,3 +25,10 @@ def usage(request: Request, store: StoreDep, settings: SettingsDep) -> dict:
     """Token and request totals per tenant, over every batch that has ended."""
     require_admin(request, settings)
     return {"object": "usage", "tenants": store.tenant_usage()}
+
+
+@router.get("/providers")
+def providers(request: Request, store: StoreDep, settings: SettingsDep, registry: ProvidersDep) -> dict:
+    """Every provider's limits: configured, in flight now, and the current adaptive limit (never shown to tenants)."""
+    require_admin(request, settings)
+    return {"object": "list", "data": [provider_limits(store, p) for p in registry.providers.values()]}
