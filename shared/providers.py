@@ -58,6 +58,9 @@ class Provider(BaseModel):
     max_inflight: int = Field(default=0, ge=0, description="requests in flight across all workers; 0 = unlimited")
     max_response_bytes: int = Field(default=DEFAULT_MAX_RESPONSE_BYTES, ge=1,
                                     description="largest answer body kept (decoded bytes); larger is response_too_large")
+    batch_api: str = Field(default="execute", pattern="^(execute|native)$",
+                           description="execute: batchgate sends each line; native: a batch is forwarded whole to the "
+                           "provider's own Files and Batches API (workers/forward.py)")
 
     @model_validator(mode="after")
     def _normalise(self) -> "Provider":

@@ -64,9 +64,10 @@ async def _create(request: Request, principal: Principal, store: Store, settings
     """Create a batch (a window left out defaults to `default_window`) and hand it to the workers."""
     body = await _json_body(request)
     provider = batch_service.check_provider(providers, principal.tenant, requested_provider(request))
+    native = provider is not None and providers.providers[provider].batch_api == "native"
     batch = await run_in_threadpool(
         batch_service.create_batch, store, settings, principal, body,
-        default_window=default_window, window_aliases=WINDOW_ALIASES, provider=provider,
+        default_window=default_window, window_aliases=WINDOW_ALIASES, provider=provider, native=native,
     )
     await run_in_threadpool(enqueue_orchestrate, batch.id)
     return batch
