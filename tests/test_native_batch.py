@@ -4,11 +4,13 @@ simulator's Batches API, and against a second batchgate deployment as the provid
 from __future__ import annotations
 
 import io
+import time
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
-from stack import Stack, chat_lines
+from stack import UPSTREAM_SECRET, Stack, assert_exactly_once, chat_lines, submit, wait_terminal
 
 pytestmark = pytest.mark.e2e
 
@@ -62,3 +64,116 @@ def test_a_window_under_24h_on_a_provider_named_by_header_is_a_400(tmp_path):
                                          completion_window=window, extra_headers={"x-batchgate-provider": "native"})
     finally:
         stack.stop()
+
+
+@pytest.fixture(scope="module")
+def forwarding(tmp_path_factory):
+    """A deployment whose `native` provider is its own simulator's Batches API."""
+    stack = native_stack(tmp_path_factory.mktemp("native"), forward_poll_min_s=0.5, forward_poll_max_s=3)
+    stack.start(workers=1, concurrency=2)
+    yield stack
+    stack.stop()
+
+
+def _sim_batch(stack: Stack, provider_batch_id: str) -> dict:
+    resp = httpx.get(f"http://127.0.0.1:{stack.sim_port}/v1/batches/{provider_batch_id}",
+                     headers={"authorization": f"Bearer {UPSTREAM_SECRET}"}, timeout=5)
+    resp.raise_for_status()
+    return resp.json()
+
+
+def test_a_batch_forwarded_to_the_simulator_mirrors_its_progress_and_completes(forwarding):
+    stack = forwarding
+    stack.sim_config(batch_lines_per_s=250, batch_fail_after=None, batch_expire_after=None)
+    before = stack.sim_stats()
+    client = stack.client()
+    n = 1000
+    batch = submit(client, chat_lines(n), extra_headers={"x-batchgate-provider": "native"})
+    polls: list = []
+    final = wait_terminal(client, batch.id, timeout=60, on_poll=polls.append)
+    assert final.status == "completed", final
+    out, err = assert_exactly_once(client, final, {f"req-{i}" for i in range(n)})
+    assert len(out) == n and err == []
+    # Mirrored while it ran: in_progress with part of the lines done, and the provider's batch id shown.
+    assert any(p.status == "in_progress" and 0 < p.request_counts.completed < n for p in polls)
+    assert final.provider_batch_id and final.model_extra.get("provider_batch_id", final.provider_batch_id)
+    remote = _sim_batch(stack, final.provider_batch_id)
+    assert remote["status"] == "completed" and remote["metadata"] == {"batchgate_batch_id": batch.id}
+    assert final.usage.total_tokens == remote["usage"]["total_tokens"] > 0
+    assert final.usage.input_tokens == sum(line["response"]["body"]["usage"]["prompt_tokens"] for line in out)
+    after = stack.sim_stats()
+    assert after["files_uploaded"] - before["files_uploaded"] == 1
+    assert after["batches_created"] - before["batches_created"] == 1
+    assert after["requests"] == before["requests"], "no line was sent to the synchronous endpoint"
+    took = final.completed_at - final.created_at
+    print(f"\n{n} lines forwarded: {took} s, {after['batch_polls'] - before['batch_polls']} polls")
+
+
+def test_a_window_under_24h_on_a_provider_chosen_by_model_fails_the_batch(forwarding):
+    client = forwarding.client()
+    uploaded = client.files.create(file=("in.jsonl", io.BytesIO(chat_lines(5, model="native-model"))),
+                                   purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="1h")
+    final = wait_terminal(client, batch.id, timeout=30)
+    assert final.status == "failed" and final.errors.data[0].code == "completion_window_too_short"
+    assert "native" in final.errors.data[0].message and final.provider_batch_id is None
+    ok = submit(client, chat_lines(5, model="native-model"))
+    assert wait_terminal(client, ok.id, timeout=30).status == "completed"
+    assert wait_terminal(client, ok.id).provider_batch_id is not None
+
+
+def test_a_provider_failure_after_start_fails_the_batch_with_its_errors(forwarding):
+    stack = forwarding
+    stack.sim_config(batch_lines_per_s=200, batch_fail_after=100, batch_expire_after=None)
+    client = stack.client()
+    try:
+        batch = submit(client, chat_lines(300), extra_headers={"x-batchgate-provider": "native"})
+        polls: list = []
+        final = wait_terminal(client, batch.id, timeout=60, on_poll=polls.append)
+    finally:
+        stack.sim_config(batch_fail_after=None)
+    assert final.status == "failed" and final.failed_at is not None and final.in_progress_at is not None
+    assert [e.code for e in final.errors.data] == ["simulated_failure"]
+    _, err = assert_exactly_once(client, final, {f"req-{i}" for i in range(300)})
+    assert {line["error"]["code"] for line in err} == {"batch_failed"}
+    assert any(p.status == "in_progress" for p in polls)
+
+
+def test_a_provider_expiry_ends_the_batch_expired(forwarding):
+    stack = forwarding
+    stack.sim_config(batch_lines_per_s=500, batch_fail_after=None, batch_expire_after=120)
+    client = stack.client()
+    try:
+        final = wait_terminal(client, submit(client, chat_lines(200), extra_headers={"x-batchgate-provider": "native"}
+                                             ).id, timeout=60)
+    finally:
+        stack.sim_config(batch_expire_after=None)
+    assert final.status == "expired"
+    out, err = assert_exactly_once(client, final, {f"req-{i}" for i in range(200)})
+    assert len(out) == 120 and {line["error"]["code"] for line in err} == {"batch_expired"}
+    assert final.request_counts.expired == 80
+
+
+def test_cancel_reaches_the_provider_and_every_line_ends_once(forwarding):
+    stack = forwarding
+    stack.sim_config(batch_lines_per_s=100, batch_fail_after=None, batch_expire_after=None)
+    client = stack.client()
+    n = 1000
+    batch = submit(client, chat_lines(n), extra_headers={"x-batchgate-provider": "native"})
+    until = time.monotonic() + 30
+    while (b := client.batches.retrieve(batch.id)).request_counts.completed < 50:
+        assert time.monotonic() < until, b
+        time.sleep(0.2)
+    cancelled_at = time.monotonic()
+    assert client.batches.cancel(batch.id).status == "cancelling"
+    remote_id = b.provider_batch_id
+    while _sim_batch(stack, remote_id)["status"] not in ("cancelling", "cancelled"):
+        assert time.monotonic() - cancelled_at < 60, "the provider's batch was not cancelled within 60 s"
+        time.sleep(0.1)
+    reached = time.monotonic() - cancelled_at
+    final = wait_terminal(client, batch.id, timeout=60)
+    assert final.status == "cancelled"
+    out, err = assert_exactly_once(client, final, {f"req-{i}" for i in range(n)})
+    assert 50 <= len(out) < n and {line["error"]["code"] for line in err} == {"batch_cancelled"}
+    assert final.request_counts.cancelled == len(err)
+    print(f"\ncancel reached the provider in {reached:.2f} s; {len(out)} done, {len(err)} cancelled")

@@ -10,7 +10,7 @@ from api.deps import BatchReaderDep, BlobsDep, PrincipalDep, ProvidersDep, Setti
 from shared import batch_service, file_service, progress
 from shared.errors import InvalidRequest, NotFound
 from shared.providers import ProviderRegistry
-from shared.queue import enqueue_orchestrate
+from shared.queue import enqueue_forward, enqueue_orchestrate
 from shared.schemas import Batch, BatchCreateRequest, BatchProgress, ListPage
 from shared.scope import Principal
 from shared.settings import Settings
@@ -101,7 +101,10 @@ async def retrieve_batch(batch_id: str, principal: PrincipalDep, reader: BatchRe
 @router.post("/batches/{batch_id}/cancel", response_model=Batch)
 @singular_router.post("/batch/{batch_id}/cancel", response_model=Batch)
 def cancel_batch(batch_id: str, principal: PrincipalDep, store: StoreDep) -> Batch:
-    return batch_service.cancel_batch(store, principal.scope, batch_id)
+    batch = batch_service.cancel_batch(store, principal.scope, batch_id)
+    if batch.provider_batch_id is not None and batch.status == "cancelling":
+        enqueue_forward(batch_id)  # forwarded: the provider's batch is cancelled now, not at the next poll
+    return batch
 
 
 @router.get("/batches/{batch_id}/progress", response_model=BatchProgress)
