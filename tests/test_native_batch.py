@@ -14,6 +14,8 @@ from stack import UPSTREAM_SECRET, Stack, assert_exactly_once, chat_lines, submi
 
 pytestmark = pytest.mark.e2e
 
+TESTS = Path(__file__).resolve().parent
+
 
 def native_toml(base_url: str, key_env: str = "BATCHGATE_UPSTREAM_API_KEY", rpm: int = 0) -> str:
     """`local` executes lines against the simulator; `native` forwards whole batches to `base_url`, and is chosen
@@ -177,3 +179,30 @@ def test_cancel_reaches_the_provider_and_every_line_ends_once(forwarding):
     assert 50 <= len(out) < n and {line["error"]["code"] for line in err} == {"batch_cancelled"}
     assert final.request_counts.cancelled == len(err)
     print(f"\ncancel reached the provider in {reached:.2f} s; {len(out)} done, {len(err)} cancelled")
+
+
+@pytest.mark.parametrize("point", ["after_remote_upload", "after_remote_create"])
+def test_a_forward_step_killed_between_a_provider_call_and_its_record_creates_nothing_twice(tmp_path, point):
+    """The worker process SIGKILLs itself right after the provider answered the upload (or the create) and before
+    the id is recorded: the next step finds the provider's file by name, its batch by metadata."""
+    marker = tmp_path / "crashed"
+    stack = native_stack(tmp_path / "s", forward_poll_min_s=0.5, forward_poll_max_s=3)
+    try:
+        stack.start_redis()
+        stack.start_simulator()
+        stack.start_api()
+        stack.start_worker("w1", 2, app="crashpoints", env={
+            "PYTHONPATH": str(TESTS), "BATCHGATE_TEST_CRASH_AT": point, "BATCHGATE_TEST_CRASH_MARKER": str(marker)})
+        stack.start_beat()
+        client = stack.client(max_retries=5)
+        batch = submit(client, chat_lines(300), extra_headers={"x-batchgate-provider": "native"})
+        final = wait_terminal(client, batch.id, timeout=90)
+        assert marker.exists(), f"the worker never reached {point}"
+        assert final.status == "completed"
+        assert_exactly_once(client, final, {f"req-{i}" for i in range(300)})
+        stats = stack.sim_stats()
+        print(f"\nkilled {point}: {stats['files_uploaded']} upload(s), {stats['batches_created']} create(s); "
+              f"completed {final.completed_at - marker.stat().st_mtime:.1f} s after the kill")
+        assert stats["files_uploaded"] == 1 and stats["batches_created"] == 1
+    finally:
+        stack.stop()
