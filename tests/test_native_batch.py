@@ -206,3 +206,97 @@ def test_a_forward_step_killed_between_a_provider_call_and_its_record_creates_no
         assert stats["files_uploaded"] == 1 and stats["batches_created"] == 1
     finally:
         stack.stop()
+
+
+# ---- a second batchgate as the provider --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """Two deployments: `front` forwards batches named `native` to `back`'s /v1 with `back`'s API key; `back` runs
+    them line by line against its simulator with 2 x 4 senders."""
+    root = tmp_path_factory.mktemp("pair")
+    back = Stack(root / "back", upstream_max_concurrency=4)
+    back.start(workers=1, concurrency=2)
+    front = native_stack(root / "front", back.base_url, forward_poll_min_s=0.5, forward_poll_max_s=3)
+    front.group.env["BATCHGATE_TEST_BACK_KEY"] = back.api_key
+    (root / "front" / "providers.toml").write_text(native_toml(back.base_url, key_env="BATCHGATE_TEST_BACK_KEY"))
+    front.start(workers=1, concurrency=2)
+    yield front, back
+    front.stop()
+    back.stop()
+
+
+def _back_batches(back: Stack, front_batch_id: str) -> list:
+    return [b for b in back.client().batches.list(limit=100).data
+            if (b.metadata or {}).get("batchgate_batch_id") == front_batch_id]
+
+
+def test_a_1000_line_batch_through_a_second_batchgate_completes_every_id_once(pair):
+    front, back = pair
+    back.sim_config(latency_ms=20)
+    client, n = front.client(), 1000
+    batch = submit(client, chat_lines(n), extra_headers={"x-batchgate-provider": "native"})
+    polls: list = []
+    final = wait_terminal(client, batch.id, timeout=120, on_poll=polls.append)
+    assert final.status == "completed", final
+    out, err = assert_exactly_once(client, final, {f"req-{i}" for i in range(n)})
+    assert len(out) == n and err == []
+    [remote] = _back_batches(back, batch.id)
+    assert remote.id == final.provider_batch_id and remote.status == "completed"
+    assert remote.completion_window == "24h" and remote.request_counts.completed == n
+    summed = sum(line["response"]["body"]["usage"]["total_tokens"] for line in out)
+    assert final.usage.total_tokens == remote.usage.total_tokens == summed > 0
+    assert any(p.status == "in_progress" and 0 < p.request_counts.completed < n for p in polls)
+    assert front.sim_stats()["requests"] == 0 and back.sim_stats()["requests"] == n
+    print(f"\n{n} lines through a second batchgate: created {final.created_at}, in_progress +"
+          f"{final.in_progress_at - final.created_at} s, completed +{final.completed_at - final.created_at} s; "
+          f"usage {final.usage.total_tokens} tokens")
+
+
+def test_cancel_on_the_first_cancels_the_second(pair):
+    front, back = pair
+    back.sim_config(latency_ms=100)  # 8 senders: about 80 lines a second
+    client, n = front.client(), 1000
+    batch = submit(client, chat_lines(n), extra_headers={"x-batchgate-provider": "native"})
+    deadline = time.monotonic() + 60
+    while (b := client.batches.retrieve(batch.id)).request_counts.completed < 100:
+        assert time.monotonic() < deadline, b
+        time.sleep(0.2)
+    asked = time.monotonic()
+    client.batches.cancel(batch.id)
+    remote = back.client().batches
+    while remote.retrieve(b.provider_batch_id).status not in ("cancelling", "cancelled"):
+        assert time.monotonic() - asked < 60, "the second batchgate's batch was not cancelled within 60 s"
+        time.sleep(0.1)
+    reached = time.monotonic() - asked
+    final = wait_terminal(client, batch.id, timeout=120)
+    back_final = wait_terminal(back.client(), b.provider_batch_id, timeout=30)
+    assert final.status == "cancelled" and back_final.status == "cancelled"
+    out, err = assert_exactly_once(client, final, {f"req-{i}" for i in range(n)})
+    assert 100 <= len(out) < n and {line["error"]["code"] for line in err} == {"batch_cancelled"}
+    assert final.request_counts.completed == back_final.request_counts.completed
+    assert final.request_counts.cancelled == len(err)
+    print(f"\ncancel reached the second batchgate in {reached:.2f} s; {len(out)} completed, {len(err)} cancelled")
+
+
+def test_the_forwarding_worker_killed_mid_way_still_ends_completed(pair):
+    front, back = pair
+    back.sim_config(latency_ms=50)  # about 160 lines a second
+    client, n = front.client(max_retries=5), 1000
+    batch = submit(client, chat_lines(n), extra_headers={"x-batchgate-provider": "native"})
+    deadline = time.monotonic() + 60
+    while (b := client.batches.retrieve(batch.id)).request_counts.completed < 100:
+        assert time.monotonic() < deadline, b
+        time.sleep(0.2)
+    front.kill("w1")  # SIGKILL to the worker and its pool processes
+    killed_at = time.time()
+    time.sleep(1.0)
+    front.start_worker("w2", 2)
+    final = wait_terminal(client, batch.id, timeout=120)
+    assert final.status == "completed", final
+    out, _ = assert_exactly_once(client, final, {f"req-{i}" for i in range(n)})
+    assert len(out) == n
+    assert len(_back_batches(back, batch.id)) == 1
+    print(f"\nworker killed at {b.request_counts.completed} mirrored; completed "
+          f"{final.completed_at - killed_at:.1f} s after the kill")
