@@ -10,6 +10,7 @@ provider's batch can. Its output and error files are written when it ends, as Op
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import secrets
 import time
@@ -61,6 +62,7 @@ class BatchAPI:
         self.batches: dict[str, dict] = {}  # id -> Batch object
         self.cancel_requested: set[str] = set()
         self.tasks: set[asyncio.Task] = set()
+        self.calls: collections.deque[float] = collections.deque(maxlen=2000)  # when each call came (unix time)
 
     # ---- files ------------------------------------------------------------------------------------------------
 
@@ -278,10 +280,14 @@ class BatchAPI:
             else:
                 response = await handler(request)
             self.sim.stats["batch_api_requests"] += 1
+            self.calls.append(time.time())
             self.sim.by_path[f"{request.method} {path}"] += 1
             return response
 
         return endpoint
+
+    async def call_times(self, request: Request) -> Response:
+        return _json({"calls": list(self.calls)})
 
     def routes(self) -> list[Route]:
         table = [
@@ -295,7 +301,8 @@ class BatchAPI:
             ("/v1/batches/{batch_id}", self.retrieve_batch, "GET"),
             ("/v1/batches/{batch_id}/cancel", self.cancel_batch, "POST"),
         ]
-        return [Route(path, self._guarded(path, handler), methods=[method]) for path, handler, method in table]
+        return [Route(path, self._guarded(path, handler), methods=[method]) for path, handler, method in table] + [
+            Route("/_sim/batch_api_calls", self.call_times, methods=["GET"])]
 
 
 def _add_usage(usage: list[int], answer: Any) -> None:

@@ -17,9 +17,9 @@ pytestmark = pytest.mark.e2e
 TESTS = Path(__file__).resolve().parent
 
 
-def native_toml(base_url: str, key_env: str = "BATCHGATE_UPSTREAM_API_KEY", rpm: int = 0) -> str:
+def native_toml(base_url: str, key_env: str = "BATCHGATE_UPSTREAM_API_KEY", rpm: int = 20) -> str:
     """`local` executes lines against the simulator; `native` forwards whole batches to `base_url`, and is chosen
-    by header or by a model named native-*."""
+    by header or by a model named native-*; `native-paced` does too, within `rpm` calls a minute."""
     return f"""
 default = "local"
 
@@ -31,6 +31,11 @@ api_key_env = "{key_env}"
 base_url = "{base_url}"
 api_key_env = "{key_env}"
 models = ["native-*"]
+batch_api = "native"
+
+[providers.native-paced]
+base_url = "{base_url}"
+api_key_env = "{key_env}"
 batch_api = "native"
 rpm = {rpm}
 """
@@ -109,6 +114,23 @@ def test_a_batch_forwarded_to_the_simulator_mirrors_its_progress_and_completes(f
     assert after["requests"] == before["requests"], "no line was sent to the synchronous endpoint"
     took = final.completed_at - final.created_at
     print(f"\n{n} lines forwarded: {took} s, {after['batch_polls'] - before['batch_polls']} polls")
+
+
+def test_calls_to_the_provider_keep_within_its_rpm(forwarding):
+    stack = forwarding
+    stack.sim_config(batch_lines_per_s=40, batch_fail_after=None, batch_expire_after=None)
+    client = stack.client()
+    started = time.time()
+    final = wait_terminal(client, submit(client, chat_lines(200), extra_headers={"x-batchgate-provider": "native-paced"}
+                                         ).id, timeout=90)
+    assert final.status == "completed"
+    assert_exactly_once(client, final, {f"req-{i}" for i in range(200)})
+    calls = [t for t in httpx.get(f"http://127.0.0.1:{stack.sim_port}/_sim/batch_api_calls").json()["calls"]
+             if t >= started]
+    gaps = [b - a for a, b in zip(calls, calls[1:])]
+    print(f"\nrpm 20: {len(calls)} calls to the provider over {calls[-1] - calls[0]:.1f} s, shortest gap "
+          f"{min(gaps):.2f} s")
+    assert len(calls) >= 5 and min(gaps) >= 60 / 20 * 0.9  # upload, create, polls, the file download
 
 
 def test_a_window_under_24h_on_a_provider_chosen_by_model_fails_the_batch(forwarding):
