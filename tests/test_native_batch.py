@@ -322,3 +322,25 @@ def test_the_forwarding_worker_killed_mid_way_still_ends_completed(pair):
     assert len(_back_batches(back, batch.id)) == 1
     print(f"\nworker killed at {b.request_counts.completed} mirrored; completed "
           f"{final.completed_at - killed_at:.1f} s after the kill")
+
+
+def test_the_local_window_is_enforced_by_cancelling_the_provider_batch(tmp_path):
+    """A 24h window shortened to 6 s (BATCHGATE_COMPLETION_WINDOW_S) on a provider batch that needs 20 s: batchgate
+    cancels it at its own deadline and ends the batch expired, the unrun lines as batch_expired."""
+    stack = native_stack(tmp_path / "s", forward_poll_min_s=0.5, forward_poll_max_s=3, completion_window_s=6)
+    try:
+        stack.start(workers=1, concurrency=2)
+        stack.sim_config(batch_lines_per_s=50)
+        client = stack.client()
+        batch = submit(client, chat_lines(1000), extra_headers={"x-batchgate-provider": "native"})
+        final = wait_terminal(client, batch.id, timeout=60)
+        assert final.status == "expired" and final.expired_at - final.expires_at <= 3
+        remote = _sim_batch(stack, final.provider_batch_id)
+        assert remote["status"] == "cancelled"
+        out, err = assert_exactly_once(client, final, {f"req-{i}" for i in range(1000)})
+        assert 0 < len(out) < 1000 and {line["error"]["code"] for line in err} == {"batch_expired"}
+        assert final.request_counts.expired == len(err) and final.request_counts.cancelled == 0
+        print(f"\nexpired {final.expired_at - final.expires_at} s after expires_at; {len(out)} done, "
+              f"{len(err)} expired")
+    finally:
+        stack.stop()

@@ -424,8 +424,14 @@ class Forwarder:
                         got.completed += 1
                         got.usage.add(line.response.body if line.response is not None else None)
                     else:
+                        code = line.error.code if line.error is not None else None
+                        if code == "batch_cancelled" and fill_code == "batch_expired":
+                            # cancelled by batchgate because its own window ran out: expired, as the user sees it
+                            raw = wire.encode(wire.ResultLine(line.id, line.custom_id, None,
+                                                              wire.LineError(fill_code, fill_message)))
+                            code = fill_code
                         err.write(raw + b"\n")
-                        self._count_failed(got, line.error.code if line.error is not None else None)
+                        self._count_failed(got, code)
             for custom_id, line_no in wanted.items():
                 if custom_id not in seen:
                     err.write(wire.encode(wire.error_line(self.id, line_no, custom_id, fill_code, fill_message))
