@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from shared import events
+from shared import events, forwarding
 from shared.store_async import AsyncBatchReader
 from shared.errors import (
     Conflict,
@@ -100,7 +100,9 @@ def create_batch(
     default_window: str | None = None,
     window_aliases: tuple[str, ...] = (),
     provider: str | None = None,
+    native: bool = False,
 ) -> Batch:
+    """`native`: the provider named by header forwards whole batches to its own Batch API (shared/forwarding.py)."""
     scope = principal.scope
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
@@ -129,6 +131,9 @@ def create_batch(
         supported = ", ".join(f"'{name}'" for name in windows)
         raise invalid_parameter("completion_window",
                                 f"Invalid 'completion_window': {str(window)[:64]!r}. Supported: {supported}.")
+    if native and forwarding.window_too_short(settings, window):
+        raise InvalidRequest(forwarding.window_message(window, provider or ""), param="completion_window",
+                             code=forwarding.WINDOW_TOO_SHORT)
     priority = validate_priority(body.get("priority"))
     metadata = validate_metadata(body.get("metadata"))
     output_ttl = validate_output_expires_after(body.get("output_expires_after"))

@@ -86,6 +86,7 @@ class BatchKeys:
         self.redriven = f"{stem}:redriven"  # hash chunk index -> when the sweeper last re-sent it
         self.history = f"{stem}:history"  # list of "t_ms:completed:failed" progress samples (shared/progress.py)
         self.finalize_lease = f"{stem}:finalize-lease"
+        self.forward_lease = f"{stem}:forward-lease"  # held by the one forward step running (workers/forward.py)
         self.finalize_lock_v1 = f"{stem}:finalize-lock"  # written by versions before the lifecycle module
         self.stem = stem
 
@@ -104,7 +105,7 @@ class BatchKeys:
         """Every execution key of the batch: what clean-up deletes once the batch has ended."""
         per_chunk = [k for i in range(n_chunks) for k in (self.lease(i), self.finished(i), self.segments(i))]
         return [self.plan, self.ready, self.done, self.counts, self.progress, self.attempts, self.redriven, self.finalize_lease,
-                self.finalize_lock_v1, self.history, *per_chunk]
+                self.finalize_lock_v1, self.forward_lease, self.history, *per_chunk]
 
 
 def usage(tenant: str) -> str:

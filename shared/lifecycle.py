@@ -56,11 +56,40 @@ MOVES: dict[str, Move] = {m.verb: m for m in (
     Move("end_cancelled", (CANCELLING,), CANCELLED, "cancelled_at", "cancelled lines written"),
     Move("expire", (VALIDATING, QUEUED, IN_PROGRESS, CANCELLING), EXPIRED, "expired_at", "past expires_at"),
     Move("lose", (IN_PROGRESS, FINALIZING, CANCELLING), FAILED, "failed_at", "input lost from storage"),
+    Move("fail_remote", (IN_PROGRESS, FINALIZING, CANCELLING), FAILED, "failed_at",
+         "the provider's batch failed (batch_api = native)"),
 )}
 
 # A verb asked of a batch already in one of these statuses succeeds without a move: cancelling a batch that is
 # cancelling or cancelled changes nothing, and one that is finalizing has no request left to cancel (it completes).
 NO_OP: dict[str, frozenset[str]] = {"cancel": frozenset({CANCELLING, CANCELLED, FINALIZING})}
+
+# A forwarded batch (batch_api = native) follows its provider's batch: the moves that bring it level with each status
+# the provider reports, in order (each a compare-and-set, so one already made, or not allowed from where the batch
+# is, changes nothing). The ending itself is `forward_ending`'s.
+FORWARD_MIRROR: dict[str, tuple[str, ...]] = {
+    VALIDATING: (),
+    IN_PROGRESS: ("start",),
+    FINALIZING: ("start", "finalize"),
+    CANCELLING: ("cancel",),
+    COMPLETED: ("start", "finalize"),
+    FAILED: (),
+    EXPIRED: (),
+    CANCELLED: ("cancel",),
+}
+
+
+def forward_ending(local: str, remote: str, stop: str | None) -> str:
+    """The verb that ends a forwarded batch now in status `local` whose provider's batch ended `remote`; `stop` is
+    "expired" when batchgate cancelled it for its own window."""
+    if remote == FAILED:
+        return "fail" if local == VALIDATING else "fail_remote"
+    if remote == COMPLETED:
+        return "end_cancelled" if local == CANCELLING else "complete"
+    if remote == EXPIRED or stop == "expired":
+        return "expire"
+    return "end_cancelled"
+
 
 # Why a running batch's chunks stop sending, by the status it will end in.
 STOP_ENDINGS = {"cancelled": "end_cancelled", "expired": "expire"}
@@ -145,6 +174,17 @@ class BatchState:
     finalize_sent_at: float = 0.0
     admitted: int = 0  # requests counted against the tenant's max_enqueued_requests until the batch ends
     queued_reason: str | None = None
+    # Forwarded whole to the provider's own Batch API (batch_api = native; workers/forward.py): where that stands.
+    forwarded: bool = False
+    provider_file_id: str | None = None  # the input, uploaded to the provider
+    provider_batch_id: str | None = None
+    upload_started_at: float = 0.0  # an upload / a create was begun: a re-run looks for it before doing it again
+    create_started_at: float = 0.0
+    forward_chain: str | None = None  # the token of the one forward step that may run next (older ones are dropped)
+    forward_due_at: float = 0.0  # when that step is due; the sweeper sends a new one when it is long overdue
+    forward_interval: float = 0.0  # the poll interval now (backs off while the provider's counts stand still)
+    cancel_sent_at: float = 0.0  # when the provider's batch was last asked to cancel
+    forward_seen: str | None = None  # the provider's "status:completed:failed" at the last poll
 
     @property
     def planned(self) -> bool:
@@ -198,6 +238,12 @@ class BatchRecord:
             error_file_id=f.get("error_file_id") or None, dispatched_at=_float(f.get("dispatched_at")),
             orchestrate_sent_at=_float(f.get("orchestrate_sent_at")), finalize_sent_at=_float(f.get("finalize_sent_at")),
             admitted=int(f.get("admitted") or 0), queued_reason=f.get("queued_reason") or None,
+            forwarded=f.get("forward") == "1", provider_file_id=f.get("provider_file_id") or None,
+            provider_batch_id=f.get("provider_batch_id") or None,
+            upload_started_at=_float(f.get("upload_started_at")), create_started_at=_float(f.get("create_started_at")),
+            forward_chain=f.get("forward_chain") or None, forward_due_at=_float(f.get("forward_due_at")),
+            forward_interval=_float(f.get("forward_interval")), cancel_sent_at=_float(f.get("cancel_sent_at")),
+            forward_seen=f.get("forward_seen") or None,
         )
         return cls(spec, state)
 
@@ -223,6 +269,7 @@ class BatchRecord:
                                "processing": 0 if st.terminal else max(0, st.total - completed - failed),
                                "errors_by_code": dict(sorted(codes.items()))},
             "usage": st.usage, "metadata": s.metadata, "priority": s.priority,
+            "provider_batch_id": st.provider_batch_id,
         }
         if st.status == QUEUED:
             data["queued_reason"] = st.queued_reason
@@ -345,8 +392,17 @@ class Lifecycle:
     def begin_finalize(self, record: BatchRecord, now: float) -> Outcome:
         return self._move(record.id, "finalize", now)
 
+    def mirror(self, record: BatchRecord, remote_status: str, now: float) -> str:
+        """Bring a forwarded batch level with its provider's batch (FORWARD_MIRROR); returns its status after."""
+        status = record.state.status
+        for verb in FORWARD_MIRROR.get(remote_status, ()):
+            outcome = self._move(record.id, verb, now)
+            status = MOVES[verb].to if outcome.moved else outcome.status
+        return status
+
     def end(self, record: BatchRecord, verb: str, now: float, ending: Ending) -> Outcome:
-        """A terminal move with its results: `complete`, `end_cancelled`, `expire` or `lose`."""
+        """A terminal move with its results: `complete`, `end_cancelled`, `expire`, `lose` or `fail_remote` (and
+        `fail`, for a forwarded batch whose provider refused it while it was validating)."""
         assert MOVES[verb].terminal, verb
         return self._move(record.id, verb, now, ending=ending, tenant=record.spec.tenant,
                           created_at=record.spec.created_at)

@@ -454,3 +454,14 @@ redis.call('HSET', KEYS[2], unpack(fields))
 redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[11]))
 return {tostring(limit), change}
 """
+
+# KEYS: 1 batch hash. ARGV: the chain token expected ('' = any), the new token, when its step is due.
+# Hands a forwarded batch's chain of forward steps on to the next step (or, with '', to a new chain the sweeper
+# starts): only the step holding the current token may, so a duplicate or superseded step starts no second chain.
+# Returns 1 if handed on, else 0.
+FORWARD_CHAIN = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if ARGV[1] ~= '' and redis.call('HGET', KEYS[1], 'forward_chain') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'forward_chain', ARGV[2], 'forward_due_at', ARGV[3])
+return 1
+"""

@@ -92,6 +92,9 @@ class Provider(BaseModel):
     circuit_retry_after_s: float = Field(default=30.0, gt=0, description="an open circuit is probed again after this")
     adaptive: bool = Field(default=False, description="AIMD limit on requests in flight across all workers")
     adaptive_min: int = Field(default=4, ge=1, le=4096, description="the adaptive limit never goes below this")
+    batch_api: str = Field(default="execute", pattern="^(execute|native)$",
+                           description="execute: batchgate sends each line; native: a batch is forwarded whole to the "
+                           "provider's own Files and Batches API (workers/forward.py)")
 
     @model_validator(mode="after")
     def _normalise(self) -> "Provider":

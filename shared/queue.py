@@ -17,6 +17,7 @@ RUN_WORK = "batchgate.run_work"  # a ticket: a free process runs what the schedu
 FINALIZE = "batchgate.finalize"
 SWEEP = "batchgate.sweep"
 DELIVER_WEBHOOK = "batchgate.deliver_webhook"
+FORWARD = "batchgate.forward"  # one step of a batch forwarded to a provider's own Batch API
 
 CONTROL_QUEUE = "control"
 CHUNKS_QUEUE = "chunks"
@@ -47,4 +48,16 @@ def enqueue_orchestrate(batch_id: str) -> bool:
         return True
     except Exception:  # noqa: BLE001 - any broker failure leaves the batch for the sweeper
         log.exception("could not enqueue orchestrate for %s; the sweeper will re-drive it", batch_id)
+        return False
+
+
+def enqueue_forward(batch_id: str) -> bool:
+    """Ask for one forward step of a forwarded batch now (after a cancel: the provider hears of it at once). A lost
+    publish is not fatal: the batch's chain of steps polls again within BATCHGATE_FORWARD_POLL_MAX_S."""
+    try:
+        producer_app().send_task(FORWARD, args=[batch_id, None], queue=CONTROL_QUEUE, retry=True,
+                                 retry_policy=_PUBLISH_RETRY)
+        return True
+    except Exception:  # noqa: BLE001
+        log.exception("could not enqueue a forward step for %s; its next poll will see the cancel", batch_id)
         return False

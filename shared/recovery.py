@@ -35,6 +35,7 @@ ACTIONS = {
     "close_chunks": "write the stop reason's error lines for chunks no run holds, and commit them",
     "redrive_chunks": "release to the scheduler again the chunks whose run was lost",
     "finalize": "send the batch's finalize message again",
+    "forward": "start a new chain of forward steps for a batch forwarded to its provider's Batch API",
 }
 
 
@@ -115,9 +116,23 @@ def recover_finalizing(record: BatchRecord, facts: ExecutionFacts, now: float, t
     return []
 
 
-def recover(record: BatchRecord, facts: ExecutionFacts | None, now: float, t: Timing) -> list[Action]:
-    """The actions for one active batch. `facts` is None for a batch that has no plan yet."""
+def recover_forwarded(record: BatchRecord, now: float, t: Timing, leased: bool) -> list[Action]:
+    """A batch forwarded whole to its provider (batch_api = native), in any status: its chain of forward steps
+    polls, mirrors, passes cancel and expiry on and ends it. A chain whose due step is overdue by the re-drive time
+    and that no step is running (the message or its worker was lost) is started again."""
+    st = record.state
+    if not leased and _since(now, st.forward_due_at, st.updated_at) > t.redrive_after_s:
+        return [Action("forward")]
+    return []
+
+
+def recover(record: BatchRecord, facts: ExecutionFacts | None, now: float, t: Timing,
+            forward_leased: bool = False) -> list[Action]:
+    """The actions for one active batch. `facts` is None for a batch that has no plan yet; `forward_leased` says
+    whether a forward step holds a forwarded batch's lease."""
     status = record.state.status
+    if record.state.forwarded:
+        return recover_forwarded(record, now, t, forward_leased)
     if status == VALIDATING:
         return recover_validating(record, facts, now, t)
     if status == QUEUED:

@@ -127,6 +127,7 @@ class Batch(WireModel):
     priority: int = 0
     queued_reason: str | None = None  # why a `validating` batch waits: its tenant's max_enqueued_requests
     queue_position: int | None = None  # its place among the tenant's waiting batches, from 1
+    provider_batch_id: str | None = None  # the provider's own batch, when forwarded to a batch_api = native provider
 
 
 class ProgressSample(WireModel):

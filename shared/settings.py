@@ -140,6 +140,13 @@ class Settings(BaseSettings):
     progress_interval_s: float = Field(default=0.5, description="how often a chunk run makes its finished lines "
                                        "durable, renews its lease and checks for cancel or expiry")
 
+    # Native batch forwarding (providers with batch_api = "native").
+    forward_poll_min_s: float = Field(default=1.0, gt=0, description="how soon a forwarded batch's provider batch "
+                                      "is polled again after its counts moved (and while it is being cancelled)")
+    forward_poll_max_s: float = Field(default=20.0, gt=0, description="the longest wait between polls of a "
+                                      "provider batch whose counts stand still (the wait grows 1.5x a poll); keep "
+                                      "it well under visibility_timeout_s")
+
     # Webhooks.
     webhook_allowed_hosts: str = Field(default="", description="comma-separated hosts webhooks may be sent to")
     webhook_timeout_s: float = Field(default=10.0, description="time limit for one webhook delivery")

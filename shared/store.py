@@ -20,6 +20,7 @@ from shared.store_client import client_options
 from shared.lifecycle import QUEUED, BatchRecord, BatchSpec, Effects, Move
 from shared.schemas import Batch, FileObject
 from shared.store_exec import ExecutionStore
+from shared.store_forward import ForwardStore
 from shared.store_ops import OpsStore
 from shared.store_sched import SchedulerStore
 from shared.store_idem import IdempotencyStore
@@ -43,7 +44,7 @@ class Page:
         return cls(ids[:limit], len(ids) > limit)
 
 
-class Store(ExecutionStore, OpsStore, SchedulerStore, IdempotencyStore):
+class Store(ExecutionStore, OpsStore, SchedulerStore, IdempotencyStore, ForwardStore):
     def __init__(self, client: redis.Redis) -> None:
         self.r = client
         self._apply_move = client.register_script(lua.APPLY_MOVE)
@@ -51,6 +52,7 @@ class Store(ExecutionStore, OpsStore, SchedulerStore, IdempotencyStore):
         OpsStore.__init__(self, client)
         SchedulerStore.__init__(self, client)
         IdempotencyStore.__init__(self, client)
+        ForwardStore.__init__(self, client)
 
     @classmethod
     def from_url(cls, url: str, *, timeout_s: float | None = None, quick_retry: bool = False) -> "Store":

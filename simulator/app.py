@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from simulator.batches import BatchAPI
 from simulator.config import SimulatorConfig
 from simulator.responses import HANDLERS
 
@@ -106,8 +107,11 @@ class Simulator:
         return _json(updated.model_dump())
 
     async def get_stats(self, request: Request) -> Response:
+        batch_api = {name: self.stats[name] for name in
+                     ("batch_api_requests", "files_uploaded", "file_downloads", "batches_created", "batch_polls",
+                      "batch_cancels")}
         return _json({"requests": self.stats["requests"], "by_status": dict(self.by_status),
-                      "by_path": dict(self.by_path), "unauthorized": self.stats["unauthorized"]})
+                      "by_path": dict(self.by_path), "unauthorized": self.stats["unauthorized"], **batch_api})
 
     async def reset(self, request: Request) -> Response:
         self.stats.clear()
@@ -127,7 +131,9 @@ async def _not_found(request: Request, exc: Exception) -> Response:
 
 def create_app(config: SimulatorConfig | None = None) -> Starlette:
     sim = Simulator(config or SimulatorConfig())
+    sim.batch_api = BatchAPI(sim)
     routes = [Route(path, sim.handle, methods=["POST"]) for path in HANDLERS]
+    routes += sim.batch_api.routes()
     routes += [
         Route("/_sim/config", sim.get_config, methods=["GET"]),
         Route("/_sim/config", sim.set_config, methods=["POST"]),

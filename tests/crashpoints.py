@@ -14,6 +14,7 @@ import signal
 
 from shared.lifecycle import Lifecycle
 from shared.store_exec import ExecutionStore
+from shared.store_forward import ForwardStore
 from workers.celery_app import app
 
 __all__ = ["app"]
@@ -44,11 +45,27 @@ def _after(owner: type, name: str, when=lambda result: True) -> None:
     setattr(owner, name, wrapper)
 
 
+def _before(owner: type, name: str, when=lambda *args, **kwargs: True) -> None:
+    original = getattr(owner, name)
+
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        if when(*args, **kwargs):
+            _die_once()
+        return original(*args, **kwargs)
+
+    setattr(owner, name, wrapper)
+
+
 if POINT == "after_plan":  # orchestrate saved the plan, has not started the batch
     _after(ExecutionStore, "save_plan")
 elif POINT == "after_finalizing":  # finalize moved the batch to `finalizing`, has written no file
     _after(Lifecycle, "begin_finalize", lambda outcome: outcome.moved)
 elif POINT == "after_terminal":  # finalize made the terminal move, has sent no webhook message
     _after(Lifecycle, "end", lambda outcome: outcome.moved)
+elif POINT == "after_remote_upload":  # a forward step uploaded the input, has not recorded the provider's file id
+    _before(ForwardStore, "save_forward", lambda *a, **kw: "provider_file_id" in kw)
+elif POINT == "after_remote_create":  # a forward step created the provider's batch, has not recorded its id
+    _before(ForwardStore, "save_forward", lambda *a, **kw: "provider_batch_id" in kw)
 elif POINT:
     raise ValueError(f"unknown crash point {POINT!r}")

@@ -257,3 +257,52 @@ def test_a_segment_whose_commit_reply_was_lost_keeps_exactly_its_lines(store, tm
     assert segment.pos == [0]
     blob = rt.blobs.open(segment_key("batch_1", 0, "tok", segment.seq, "err")).read()
     assert [orjson.loads(line)["custom_id"] for line in blob.splitlines()] == ["r0"]
+
+
+# ---- forwarded batches (batch_api = native) ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", ["validating", "in_progress", "finalizing", "cancelling"])
+def test_a_forwarded_batch_gets_a_new_forward_chain_only_when_its_step_is_overdue_and_unheld(status):
+    record = _record(status, forward="1", forward_due_at=1010, updated_at=1000)
+    assert recover(record, None, 1012, T) == []  # due 2 s ago: its step may still be on its way
+    assert kinds(recover(record, None, 1014, T)) == [("forward", (), None)]
+    assert recover(record, None, 1014, T, forward_leased=True) == []  # a step is running (a long download)
+    # Never the chunk rules: a forwarded batch has no plan, and expiry is passed on to the provider by its steps.
+    assert recover(_record(status, forward="1", forward_due_at=10**10, expires_at=900), None, 1014, T) == []
+
+
+@pytest.mark.parametrize("local, remote, stop, verb", [
+    ("validating", "failed", None, "fail"),
+    ("in_progress", "failed", None, "fail_remote"),
+    ("cancelling", "failed", None, "fail_remote"),
+    ("finalizing", "completed", None, "complete"),
+    ("finalizing", "completed", "expired", "complete"),  # it finished before the cancel took: every result
+    ("cancelling", "completed", "cancelled", "end_cancelled"),
+    ("in_progress", "expired", None, "expire"),
+    ("in_progress", "cancelled", "expired", "expire"),  # cancelled by batchgate for the local window
+    ("validating", "cancelled", "expired", "expire"),
+    ("cancelling", "cancelled", "cancelled", "end_cancelled"),
+    ("in_progress", "cancelled", None, "end_cancelled"),  # cancelled at the provider by someone else
+])
+def test_how_a_forwarded_batch_ends(local, remote, stop, verb):
+    assert lifecycle.forward_ending(local, remote, stop) == verb
+    # mirror's moves and then the ending are allowed from where the batch is
+    status = local
+    for v in lifecycle.FORWARD_MIRROR[remote]:
+        if status in MOVES[v].froms:
+            status = MOVES[v].to
+    if verb == "end_cancelled" and status != "cancelling":
+        status = MOVES["cancel"].to
+    assert status in MOVES[verb].froms
+
+
+def test_mirroring_moves_a_forwarded_batch_level_with_its_provider(store):
+    record = _at(store, "validating")
+    life = Lifecycle(store, cleanup_delay_s=0)
+    assert life.mirror(record, "validating", 1500) == "validating"
+    assert life.mirror(record, "finalizing", 1501) == "finalizing"
+    after = store.batch_record(record.id).state
+    assert after.timestamps["in_progress_at"] == after.timestamps["finalizing_at"] == 1501
+    cancelled = _at(store, "cancelling", "batch_2")
+    assert life.mirror(cancelled, "in_progress", 1502) == "cancelling"  # a cancel under way is never undone

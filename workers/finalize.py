@@ -99,7 +99,8 @@ def _write_lost(rt: Runtime, record: BatchRecord, index: int, positions: list[in
     return key
 
 
-def _register(rt: Runtime, record: BatchRecord, kind: str, parts: list[str], now: int, renew) -> str | None:
+def register_file(rt: Runtime, record: BatchRecord, kind: str, parts: list[str], now: int, renew) -> str | None:
+    """Join `parts` into the batch's output or error file and register it as a File object (none if no parts)."""
     if not parts:
         return None
     file_id = derived_file_id(record.id, kind)
@@ -139,7 +140,8 @@ def finalize(rt: Runtime, batch_id: str) -> str | None:
         now = int(time.time())
         def write_files(check: bool) -> tuple[Assembly, str | None, str | None]:
             a = _assemble(rt, record, commits, check=check)
-            return a, _register(rt, record, "output", a.out, now, renew), _register(rt, record, "error", a.err, now, renew)
+            return (a, register_file(rt, record, "output", a.out, now, renew),
+                    register_file(rt, record, "error", a.err, now, renew))
 
         try:
             try:

@@ -9,11 +9,14 @@ from __future__ import annotations
 import logging
 import time
 
-from shared import events
-from shared.blobs import BlobNotFound
+import uuid
 from typing import Callable
 
+from shared import events, forwarding
+from shared.blobs import BlobNotFound
+
 from shared.lifecycle import CANCELLING, IN_PROGRESS, QUEUED, VALIDATING, BatchRecord, Ending
+from shared.providers import Provider
 from workers.chunk import batch_input_key
 from workers.runtime import Runtime
 from workers.validation import LineError, chunk_size_for, plan_chunks, scan_input
@@ -70,13 +73,34 @@ def _resume(rt: Runtime, record: BatchRecord, start_other: Callable[[str], None]
     return [i for i in range(record.state.n_chunks or 0) if i not in done]
 
 
-def orchestrate(rt: Runtime, batch_id: str, start_other: Callable[[str], None] = lambda batch_id: None) -> list[int]:
+def hand_to_provider(rt: Runtime, record: BatchRecord, total: int, model: str | None, provider: Provider,
+                     forward: Callable[[str, str], None]) -> None:
+    """A batch for a provider with a Batch API of its own (batch_api = native): no chunks, a chain of forward steps
+    (workers/forward.py) instead. Its window must be the provider's 24h or longer."""
+    if forwarding.window_too_short(rt.settings, record.spec.completion_window):
+        _fail(rt, record, [LineError(forwarding.WINDOW_TOO_SHORT, forwarding.window_message(
+            record.spec.completion_window, provider.name))])
+        return
+    now = time.time()
+    token = uuid.uuid4().hex[:16]
+    rt.store.save_forward(record.id, forward=1, total=total, model=model or "", provider=provider.name,
+                          dispatched_at=int(now), forward_interval=rt.settings.forward_poll_min_s)
+    rt.store.hand_on_forward(record.id, None, token, now)
+    log.info("batch %s: %d requests forwarded to provider %s's Batch API", record.id, total, provider.name)
+    forward(record.id, token)
+
+
+def orchestrate(rt: Runtime, batch_id: str, start_other: Callable[[str], None] = lambda batch_id: None,
+                forward: Callable[[str, str], None] = lambda batch_id, token: None) -> list[int]:
     """Validate and plan. Returns the chunk indexes to dispatch (empty when there is nothing to run, or the batch
-    waits for room under its tenant's cap); `start_other` is given batches that room was found for meanwhile."""
+    waits for room under its tenant's cap); `start_other` is given batches that room was found for meanwhile, and
+    `forward` (batch id, chain token) a batch handed to its provider's own Batch API."""
     store, settings = rt.store, rt.settings
     record = store.batch_record(batch_id)
     if record is None or record.state.terminal:
         return []
+    if record.state.forwarded:
+        return []  # a repeated message: its chain of forward steps (or the sweeper) carries the batch on
     if record.state.planned:
         return _resume(rt, record, start_other)
     if record.state.status == CANCELLING:
@@ -112,6 +136,9 @@ def orchestrate(rt: Runtime, batch_id: str, start_other: Callable[[str], None] =
     if provider is None:
         _fail(rt, record, [LineError("provider_not_allowed",
                                      f"No provider this API key may use serves the model '{scan.model}'.")])
+        return []
+    if provider.batch_api == "native":
+        hand_to_provider(rt, record, scan.total, scan.model, provider, forward)
         return []
     size_per_chunk = chunk_size_for(
         scan.total,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -41,6 +42,7 @@ class Dispatch:
     finalize: Callable[[str], None]
     webhook: Callable[[str], None] = lambda event_id: None
     tickets: Callable[[int], None] = lambda n: None
+    forward: Callable[[str, str], None] = lambda batch_id, token: None
 
 
 def sweep(rt: Runtime, dispatch: Dispatch) -> Repairs | None:
@@ -96,7 +98,8 @@ def _sweep_batch(rt: Runtime, batch_id: str, now: float, timing: Timing, dispatc
         store.forget_active(batch_id)
         return
     facts = store.execution_facts(batch_id, record.state.n_chunks or 0) if record.state.planned else None
-    for action in recover(record, facts, now, timing):
+    leased = store.forward_leased(batch_id) if record.state.forwarded else False
+    for action in recover(record, facts, now, timing, forward_leased=leased):
         _carry_out(rt, record, action, now, dispatch, repairs)
 
 
@@ -132,6 +135,10 @@ def _carry_out(rt: Runtime, record, action: Action, now: float, dispatch: Dispat
     elif action.kind == "finalize":
         store.mark_sent(batch_id, "finalize", now)
         dispatch.finalize(batch_id)
+    elif action.kind == "forward":
+        token = uuid.uuid4().hex[:16]  # the lost chain's steps find another token and drop
+        store.hand_on_forward(batch_id, None, token, now)
+        dispatch.forward(batch_id, token)
 
 
 def admit_waiting(rt: Runtime, record: BatchRecord | None) -> list[str]:

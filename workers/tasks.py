@@ -10,12 +10,13 @@ from shared.queue import (
     CONTROL_QUEUE,
     DELIVER_WEBHOOK,
     FINALIZE,
+    FORWARD,
     ORCHESTRATE,
     RUN_CHUNK,
     RUN_WORK,
     SWEEP,
 )
-from workers import chunk, finalize, orchestrate, runner, sweeper, webhooks
+from workers import chunk, finalize, forward, orchestrate, runner, sweeper, webhooks
 from workers.celery_app import app
 from workers.runtime import get_runtime
 
@@ -44,6 +45,10 @@ def send_orchestrate(batch_id: str) -> None:
     orchestrate_task.apply_async(args=[batch_id], queue=CONTROL_QUEUE)
 
 
+def send_forward(batch_id: str, token: str | None, countdown: float = 0.0) -> None:
+    forward_task.apply_async(args=[batch_id, token], queue=CONTROL_QUEUE, countdown=countdown or None)
+
+
 def send_webhook(event_id: str) -> None:
     deliver_webhook_task.apply_async(args=[event_id], queue=CONTROL_QUEUE)
 
@@ -62,7 +67,7 @@ def _send_event(batch_id: str, status: str | None) -> None:
 @app.task(name=ORCHESTRATE, ignore_result=True)
 def orchestrate_task(batch_id: str) -> None:
     rt = get_runtime()
-    indexes = orchestrate.orchestrate(rt, batch_id, start_other=send_orchestrate)
+    indexes = orchestrate.orchestrate(rt, batch_id, start_other=send_orchestrate, forward=send_forward)
     if not indexes:
         record = rt.store.batch_record(batch_id)
         if record is not None and record.state.terminal:
@@ -115,9 +120,26 @@ def finalize_task(batch_id: str) -> None:
             send_orchestrate(waiting)
 
 
+@app.task(name=FORWARD, ignore_result=True)
+def forward_task(batch_id: str, token: str | None = None) -> None:
+    """One step of a batch forwarded to its provider's Batch API; the step hands the chain on to the next one.
+    Without a token it is a one-off step (sent after a cancel), and the chain carries on as it was."""
+    rt = get_runtime()
+    result = forward.step(rt, batch_id, token)
+    if result.ended is not None:
+        _send_event(batch_id, result.ended)
+        return
+    if result.delay is None or token is None:
+        return
+    nxt = forward.hand_on(rt, batch_id, token, result.delay)
+    if nxt is not None:
+        send_forward(batch_id, nxt, result.delay)
+
+
 @app.task(name=SWEEP, ignore_result=True)
 def sweep_task() -> None:
-    sweeper.sweep(get_runtime(), sweeper.Dispatch(send_orchestrate, release_chunk, send_finalize, send_webhook, send_tickets))
+    sweeper.sweep(get_runtime(), sweeper.Dispatch(send_orchestrate, release_chunk, send_finalize, send_webhook,
+                                                  send_tickets, send_forward))
 
 
 @app.task(name=DELIVER_WEBHOOK, bind=True, ignore_result=True, max_retries=None)

@@ -11,7 +11,7 @@ from api.deps import BatchReaderDep, BlobsDep, PrincipalDep, ProvidersDep, Setti
 from shared import batch_service, file_service, progress
 from shared.errors import InvalidRequest, NotFound
 from shared.providers import ProviderRegistry
-from shared.queue import enqueue_orchestrate
+from shared.queue import enqueue_forward, enqueue_orchestrate
 from shared.schemas import Batch, BatchCreateRequest, BatchProgress, ListPage
 from shared.scope import Principal
 from shared.settings import Settings
@@ -68,9 +68,10 @@ async def _create(request: Request, principal: Principal, store: Store, settings
     async def create() -> Batch:
         body = await _json_body(request)
         provider = batch_service.check_provider(providers, principal.tenant, requested_provider(request))
+        native = provider is not None and providers.providers[provider].batch_api == "native"
         batch = await run_in_threadpool(
             batch_service.create_batch, store, settings, principal, body,
-            default_window=default_window, window_aliases=WINDOW_ALIASES, provider=provider,
+            default_window=default_window, window_aliases=WINDOW_ALIASES, provider=provider, native=native,
         )
         await run_in_threadpool(enqueue_orchestrate, batch.id)
         return batch
@@ -111,7 +112,11 @@ async def retrieve_batch(batch_id: str, principal: PrincipalDep, reader: BatchRe
 async def cancel_batch(batch_id: str, request: Request, principal: PrincipalDep, store: StoreDep,
                        settings: SettingsDep) -> Response:
     async def cancel() -> Batch:
-        return await run_in_threadpool(batch_service.cancel_batch, store, principal.scope, batch_id)
+        batch = await run_in_threadpool(batch_service.cancel_batch, store, principal.scope, batch_id)
+        if batch.provider_batch_id is not None and batch.status == "cancelling":
+            # Forwarded: the provider's batch is cancelled now, not at the next poll.
+            await run_in_threadpool(enqueue_forward, batch_id)
+        return batch
 
     async def request_parts() -> list[bytes | str]:
         return [batch_id]
