@@ -200,6 +200,9 @@ def test_cancel_reaches_the_provider_and_every_line_ends_once(forwarding):
     out, err = assert_exactly_once(client, final, {f"req-{i}" for i in range(n)})
     assert 50 <= len(out) < n and {line["error"]["code"] for line in err} == {"batch_cancelled"}
     assert final.request_counts.cancelled == len(err)
+    extra = final.request_counts.model_extra
+    assert extra["errors_by_code"] == {"batch_cancelled": len(err)} and extra["succeeded"] == len(out)
+    assert extra["errored"] == 0 and extra["processing"] == 0
     print(f"\ncancel reached the provider in {reached:.2f} s; {len(out)} done, {len(err)} cancelled")
 
 

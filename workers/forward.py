@@ -25,6 +25,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, BinaryIO
 
@@ -179,6 +180,7 @@ class Collected:
     failed: int = 0
     cancelled: int = 0
     expired: int = 0
+    codes: Counter = field(default_factory=Counter)  # the error lines by code
     usage: Usage = field(default_factory=Usage)
     dropped: int = 0  # provider lines for no input line, or for one already written
 
@@ -371,8 +373,8 @@ class Forwarder:
                                        self.renew)
         error_file_id = register_file(self.rt, record, "error", [error_key] if got.failed else [], stamp, self.renew)
         ending = Ending(completed=got.completed, failed=got.failed, usage=got.usage.as_list(),
-                        output_file_id=output_file_id, error_file_id=error_file_id, cancelled=got.cancelled,
-                        expired=got.expired, errors=remote_errors if verb == "fail_remote" else None)
+                        output_file_id=output_file_id, error_file_id=error_file_id, codes=dict(got.codes),
+                        cancelled=got.cancelled, expired=got.expired, errors=remote_errors if verb == "fail_remote" else None)
         if verb == "fail_remote" and not ending.errors:
             ending = replace(ending, errors=[{"code": "provider_batch_failed", "param": None, "line": None,
                                               "message": f"The provider '{self.provider.name}' failed the batch."}])
@@ -424,7 +426,7 @@ class Forwarder:
                         got.completed += 1
                         got.usage.add(line.response.body if line.response is not None else None)
                     else:
-                        code = line.error.code if line.error is not None else None
+                        code = line.code
                         if code == "batch_cancelled" and fill_code == "batch_expired":
                             # cancelled by batchgate because its own window ran out: expired, as the user sees it
                             raw = wire.encode(wire.ResultLine(line.id, line.custom_id, None,
@@ -442,6 +444,7 @@ class Forwarder:
     @staticmethod
     def _count_failed(got: Collected, code: str | None) -> None:
         got.failed += 1
+        got.codes[code or "unknown"] += 1
         if code == "batch_cancelled":
             got.cancelled += 1
         elif code == "batch_expired":
