@@ -15,6 +15,13 @@ from shared.store import Store
 
 HEADER = "idempotency-key"
 
+# The header in the OpenAPI schema of the routes that take it.
+OPENAPI_HEADER = {"parameters": [{
+    "name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string", "maxLength": 255},
+    "description": "The same request with the same key within 24 h gets the first answer again without doing the "
+                   "work twice; another request with the key is a 409 idempotency_key_reused.",
+}]}
+
 
 async def respond_once(request: Request, principal: Principal, store: Store, settings: Settings,
                        parts: Callable[[], Awaitable[list[bytes | str]]],

@@ -90,3 +90,11 @@ def test_uploads_and_cancels_are_idempotent(stack):
     with pytest.raises(openai.BadRequestError) as err:
         client.batches.cancel(batch.id, extra_headers=key("k" * 300))
     assert err.value.code == "invalid_idempotency_key"
+
+
+def test_the_header_and_the_counts_are_in_the_openapi_schema(stack):
+    spec = httpx.get(f"{stack.base_url.removesuffix('/v1')}/openapi.json").json()
+    for path in ("/v1/files", "/v1/batches", "/v1/batches/{batch_id}/cancel"):
+        assert "Idempotency-Key" in [p["name"] for p in spec["paths"][path]["post"].get("parameters", [])], path
+    counts = spec["components"]["schemas"]["BatchRequestCounts"]["properties"]
+    assert {"succeeded", "errored", "processing", "cancelled", "expired", "errors_by_code"} <= set(counts)

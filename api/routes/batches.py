@@ -6,7 +6,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response, StreamingResponse
 
-from api.idempotency import respond_once
+from api.idempotency import OPENAPI_HEADER, respond_once
 from api.deps import BatchReaderDep, BlobsDep, PrincipalDep, ProvidersDep, SettingsDep, StoreDep
 from shared import batch_service, file_service, progress
 from shared.errors import InvalidRequest, NotFound
@@ -50,7 +50,7 @@ def requested_provider(request: Request) -> str | None:
 
 
 CREATE_BODY = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": BatchCreateRequest.model_json_schema()}}}}
+    "application/json": {"schema": BatchCreateRequest.model_json_schema()}}}, **OPENAPI_HEADER}
 
 # The Batches routes, one implementation included under each dialect's prefix (api/main.py):
 # `router` is /batches (OpenAI, Portkey, mka1); `output_router` adds Portkey's /batches/{id}/output shortcut;
@@ -107,7 +107,7 @@ async def retrieve_batch(batch_id: str, principal: PrincipalDep, reader: BatchRe
     return model_response(await batch_service.read_batch(reader, principal.scope, batch_id))
 
 
-@router.post("/batches/{batch_id}/cancel", response_model=Batch)
+@router.post("/batches/{batch_id}/cancel", response_model=Batch, openapi_extra=OPENAPI_HEADER)
 @singular_router.post("/batch/{batch_id}/cancel", response_model=Batch)
 async def cancel_batch(batch_id: str, request: Request, principal: PrincipalDep, store: StoreDep,
                        settings: SettingsDep) -> Response:

@@ -7,7 +7,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.responses import Response, StreamingResponse
 
-from api.idempotency import respond_once
+from api.idempotency import OPENAPI_HEADER, respond_once
 from api.deps import BlobsDep, PrincipalDep, SettingsDep, StoreDep
 from shared import file_service
 from shared.schemas import FileDeleted, FileObject, ListPage
@@ -17,7 +17,7 @@ router = APIRouter(tags=["files"])  # mounted once per dialect prefix
 MAX_FORM_FIELDS = 32
 
 
-@router.post("/files", response_model=FileObject)
+@router.post("/files", response_model=FileObject, openapi_extra=OPENAPI_HEADER)
 async def create_file(
     request: Request, principal: PrincipalDep, store: StoreDep, blobs: BlobsDep, settings: SettingsDep
 ) -> Response:
