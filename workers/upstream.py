@@ -467,7 +467,7 @@ class UpstreamCaller:
         self.limiter = limiter
         self.base_s = base_s
         self.max_s = max_s
-        self._backoff = wait_exponential_jitter(initial=base_s, max=max_s, jitter=base_s)
+        self._backoff = wait_exponential_jitter(multiplier=base_s, max=max_s, jitter=base_s)
         self.headers = upstream_headers(provider)
         self.timeout = aiohttp.ClientTimeout(total=provider.timeout_s)
         self.rules = ResponseRules.of(provider)
