@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import httpx
 import openai
@@ -260,3 +261,39 @@ def test_a_deleted_input_file_is_409_and_retries_are_idempotent(stack):
     assert refused.value.code == "input_file_deleted" and refused.value.param == "input_file_id"
     assert {f.id for f in client.files.list()} == files_before - {old.input_file_id}  # no file left behind
     assert client.batches.retrieve(old.id).model_extra["retried_by"] == [first.json()["id"]]
+
+
+@pytest.mark.e2e
+def test_the_cli_retries_by_code_and_waits(stack):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    dep = stack
+    client = dep.client()
+    dep.sim_config(fail_when_contains={"FAIL-500": 500, "FAIL-400": 400})
+    try:
+        content = b"".join(line(f"k-{i}", "FAIL-500" if i < 4 else "FAIL-400" if i < 6 else "ok") for i in range(20))
+        old = wait_terminal(client, submit(client, content).id)
+    finally:
+        dep.sim_config(fail_when_contains={})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
+    env.update(OPENAI_BASE_URL=dep.base_url, OPENAI_API_KEY=dep.api_key, COLUMNS="120")
+    batchgate = str(Path(sys.executable).parent / "batchgate")
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([batchgate, *args], env=env, capture_output=True, text=True, timeout=60)
+
+    done = run("retry", old.id, "--code", "http_500", "--wait")
+    assert done.returncode == 0, done.stdout + done.stderr  # every retried request succeeded
+    new_id = done.stdout.split()[0]
+    new = client.batches.retrieve(new_id)
+    assert new.model_extra["retry_of"] == old.id and new.status == "completed"
+    assert {r["custom_id"] for r in read_lines(client, new.output_file_id)} == {f"k-{i}" for i in range(4)}
+    assert "4 completed, 0 failed, 4 total" in done.stdout and f"batchgate download {new_id}" in done.stdout
+    shown = run("status", old.id)
+    assert re.search(rf"retried by\s+{new_id}", shown.stdout), shown.stdout
+
+    refused = run("retry", old.id, "--code", "batch_expired")
+    assert refused.returncode == 1 and "No failed line" in refused.stderr and "HTTP 400" in refused.stderr
