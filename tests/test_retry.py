@@ -254,6 +254,10 @@ def test_a_deleted_input_file_is_409_and_retries_are_idempotent(stack):
     assert other.status_code == 409 and other.json()["error"]["code"] == "idempotency_key_reused"
     assert wait_terminal(client, first.json()["id"]).request_counts.completed == 3
 
+    client.files.delete(old.error_file_id)
+    with pytest.raises(openai.ConflictError) as refused:
+        retry(client, old.id)
+    assert refused.value.code == "error_file_deleted"
     files_before = {f.id for f in client.files.list()}
     client.files.delete(old.input_file_id)
     with pytest.raises(openai.ConflictError) as refused:
