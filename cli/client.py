@@ -1,4 +1,5 @@
-"""The client commands of `batchgate`: submit, status, list, cancel and download, through the official `openai` SDK."""
+"""The client commands of `batchgate`: submit, status, list, cancel, download and retry, through the official `openai`
+SDK."""
 
 from __future__ import annotations
 
@@ -158,6 +159,11 @@ def status_rows(batch: Batch) -> list[tuple[str, str]]:
         rows.append(("usage", f"{u.input_tokens} input + {u.output_tokens} output = {u.total_tokens} tokens"))
     if batch.metadata:
         rows.append(("metadata", ", ".join(f"{k}={v}" for k, v in batch.metadata.items())))
+    extra = batch.model_extra or {}
+    if extra.get("retry_of"):
+        rows.append(("retry of", extra["retry_of"]))
+    if extra.get("retried_by"):
+        rows.append(("retried by", ", ".join(extra["retried_by"])))
     return rows
 
 
@@ -423,4 +429,43 @@ def download(
         console.print("It has no output or error file.")
 
 
-COMMANDS = {"submit": submit, "status": status, "list": list_batches, "cancel": cancel, "download": download}
+@reports_errors
+def retry(
+    batch_id: Annotated[str, typer.Argument(metavar="ID")],
+    code: Annotated[Optional[list[str]], typer.Option(
+        "--code", metavar="CODE", help="Retry only the failed lines with this error code (as in errors_by_code, e.g. http_500, "
+                       "rate_limit_exceeded, batch_expired); repeatable. Default: every failed line.",
+        show_default=False)] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Show progress until the new batch ends.")] = False,
+    base_url: BaseUrl = DEFAULT_BASE_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Start a new batch of a finished batch's failed lines; print the new batch's id.
+
+    Same endpoint, window, metadata and priority; the requests as written. --wait exits like `submit --wait`.
+
+    \b
+    Example:
+      batchgate retry batch_abc123
+      batchgate retry batch_abc123 --code http_500 --code rate_limit_exceeded --wait
+    """
+    client = make_client(base_url, api_key)
+    body = {"codes": code} if code else None
+    batch = client.post(f"/batches/{batch_id}/retry", cast_to=Batch, body=body)
+    console.print(batch.id)
+    if not wait:
+        return
+    try:
+        batch = wait_for(client, batch)
+    except KeyboardInterrupt:
+        err_console.print(f"Stopped waiting; batch {batch.id} keeps running. "
+                          f"Check it with `batchgate status {batch.id}`.")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    print_summary(batch, [])
+    if batch.output_file_id or batch.error_file_id:
+        console.print(f"  fetch its results with `batchgate download {batch.id}`")
+    raise typer.Exit(exit_code(batch.status, counts_of(batch)[1]))
+
+
+COMMANDS = {"submit": submit, "status": status, "list": list_batches, "cancel": cancel, "download": download,
+            "retry": retry}

@@ -101,8 +101,10 @@ def create_batch(
     window_aliases: tuple[str, ...] = (),
     provider: str | None = None,
     native: bool = False,
+    retry_of: str | None = None,
 ) -> Batch:
-    """`native`: the provider named by header forwards whole batches to its own Batch API (shared/forwarding.py)."""
+    """`native`: the provider named by header forwards whole batches to its own Batch API (shared/forwarding.py).
+    `retry_of`: the batch whose failed lines this one retries (shared/retry_service.py)."""
     scope = principal.scope
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
@@ -161,6 +163,7 @@ def create_batch(
         metadata=metadata,
         output_ttl_s=output_ttl,
         priority=priority,
+        retry_of=retry_of,
     )
     store.put_batch(spec, provider)
     events.created(spec, record.file.filename, record.file.bytes, provider)

@@ -134,6 +134,7 @@ class BatchSpec:
     metadata: dict[str, str] | None = None
     output_ttl_s: int | None = None
     priority: int = 0  # higher runs first among the tenant's batches
+    retry_of: str | None = None  # the batch whose failed lines this one retries (POST /v1/batches/{id}/retry)
 
     def hash_fields(self) -> dict[str, str]:
         fields = {"tenant": self.tenant, "scope": self.scope, "endpoint": self.endpoint,
@@ -144,6 +145,8 @@ class BatchSpec:
             fields["output_ttl"] = str(self.output_ttl_s)
         if self.priority:
             fields["priority"] = str(self.priority)
+        if self.retry_of:
+            fields["retry_of"] = self.retry_of
         return fields
 
 
@@ -185,6 +188,7 @@ class BatchState:
     forward_interval: float = 0.0  # the poll interval now (backs off while the provider's counts stand still)
     cancel_sent_at: float = 0.0  # when the provider's batch was last asked to cancel
     forward_seen: str | None = None  # the provider's "status:completed:failed" at the last poll
+    retried_by: tuple[str, ...] = ()  # the batches made by retrying this one's failed lines, oldest first
 
     @property
     def planned(self) -> bool:
@@ -207,6 +211,15 @@ def _json(value: str | None) -> Any:
     return orjson.loads(value) if value else None
 
 
+RETRIED_BY_PREFIX = "retried_by:"  # a field per retry, "retried_by:<new id>" = its sequence (shared/store.py)
+
+
+def retried_by(f: dict[str, str]) -> tuple[str, ...]:
+    """The ids of the batches retrying this one, in the order they were made."""
+    found = [(int(v), k[len(RETRIED_BY_PREFIX):]) for k, v in f.items() if k.startswith(RETRIED_BY_PREFIX)]
+    return tuple(batch_id for _, batch_id in sorted(found))
+
+
 @dataclass(frozen=True)
 class BatchRecord:
     spec: BatchSpec
@@ -224,7 +237,7 @@ class BatchRecord:
             input_file_id=f["input_file_id"], completion_window=f.get("completion_window") or "24h",
             created_at=int(f["created_at"]), expires_at=int(f.get("expires_at") or 0),
             metadata=_json(f.get("metadata")), output_ttl_s=_int(f.get("output_ttl")),
-            priority=int(f.get("priority") or 0),
+            priority=int(f.get("priority") or 0), retry_of=f.get("retry_of") or None,
         )
         state = BatchState(
             status=f["status"], updated_at=int(f.get("updated_at") or f["created_at"]),
@@ -243,7 +256,7 @@ class BatchRecord:
             upload_started_at=_float(f.get("upload_started_at")), create_started_at=_float(f.get("create_started_at")),
             forward_chain=f.get("forward_chain") or None, forward_due_at=_float(f.get("forward_due_at")),
             forward_interval=_float(f.get("forward_interval")), cancel_sent_at=_float(f.get("cancel_sent_at")),
-            forward_seen=f.get("forward_seen") or None,
+            forward_seen=f.get("forward_seen") or None, retried_by=retried_by(f),
         )
         return cls(spec, state)
 
@@ -270,6 +283,7 @@ class BatchRecord:
                                "errors_by_code": dict(sorted(codes.items()))},
             "usage": st.usage, "metadata": s.metadata, "priority": s.priority,
             "provider_batch_id": st.provider_batch_id,
+            "retry_of": s.retry_of, "retried_by": list(st.retried_by),
         }
         if st.status == QUEUED:
             data["queued_reason"] = st.queued_reason

@@ -128,6 +128,8 @@ class Batch(WireModel):
     queued_reason: str | None = None  # why a `validating` batch waits: its tenant's max_enqueued_requests
     queue_position: int | None = None  # its place among the tenant's waiting batches, from 1
     provider_batch_id: str | None = None  # the provider's own batch, when forwarded to a batch_api = native provider
+    retry_of: str | None = None  # the batch whose failed lines this one retries (POST /v1/batches/{id}/retry)
+    retried_by: list[str] = Field(default_factory=list)  # the batches made by retrying this one, oldest first
 
 
 class ProgressSample(WireModel):
@@ -165,6 +167,19 @@ class BatchCreateRequest(WireModel):
     metadata: Any = None
     output_expires_after: Any = None
     priority: Any = None
+
+
+class BatchRetryRequest(WireModel):
+    """The optional body of `POST /v1/batches/{id}/retry`, a batchgate extension: which failed lines to retry.
+    Checked by hand in the service (shared/retry_service.py)."""
+
+    codes: list[str] | None = Field(
+        default=None,
+        description="Retry only the error-file lines with one of these codes, as counted in "
+                    "request_counts.errors_by_code (the error's code, else http_<status>). Default: every line of "
+                    "the error file, batch_cancelled and batch_expired included.",
+        examples=[["rate_limit_exceeded", "http_500"]],
+    )
 
 
 class ErrorDetail(WireModel):

@@ -17,7 +17,7 @@ import redis
 
 from shared import keys, lua
 from shared.store_client import client_options
-from shared.lifecycle import QUEUED, BatchRecord, BatchSpec, Effects, Move
+from shared.lifecycle import QUEUED, RETRIED_BY_PREFIX, BatchRecord, BatchSpec, Effects, Move
 from shared.schemas import Batch, FileObject
 from shared.store_exec import ExecutionStore
 from shared.store_forward import ForwardStore
@@ -209,6 +209,12 @@ class Store(ExecutionStore, OpsStore, SchedulerStore, IdempotencyStore, ForwardS
 
     def forget_active(self, batch_id: str) -> None:
         self.r.zrem(keys.ACTIVE_BATCHES, batch_id)
+
+    def add_retried_by(self, batch_id: str, retry_id: str) -> None:
+        """Record on a batch that `retry_id` retries its failed lines: one field per retry, valued by a global
+        sequence so they list in order (BatchRecord.from_hash reads them back), and no read-modify-write to race."""
+        seq = self.next_seq()
+        self.r.hset(keys.batch(batch_id), f"{RETRIED_BY_PREFIX}{retry_id}", str(seq))
 
 
 def page_bound(after_score: float | None, descending: bool) -> str:

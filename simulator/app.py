@@ -83,6 +83,9 @@ class Simulator:
         if self._over_rate() or (cfg.rate_429 and self.rng.random() < cfg.rate_429):
             return _error(429, "Rate limit reached for requests.", type_="requests", code="rate_limit_exceeded",
                           headers={"retry-after": f"{cfg.retry_after_s:g}"})
+        for marker, status in cfg.fail_when_contains.items():
+            if marker.encode() in raw:
+                return _error(status, f"Simulated failure for a request containing {marker!r}.", type_="server_error")
         if cfg.error_rate and self.rng.random() < cfg.error_rate:
             return _error(500, "The server had an error while processing your request.", type_="server_error")
         digest = hashlib.sha256(raw).digest()

@@ -15,6 +15,9 @@ class SimulatorConfig(BaseModel):
     error_rate: float = Field(default=0.0, ge=0, le=1, description="share of requests answered 500")
     rate_429: float = Field(default=0.0, ge=0, le=1, description="share of requests answered 429")
     retry_after_s: float = Field(default=1.0, ge=0, description="the Retry-After sent with a 429")
+    fail_when_contains: dict[str, int] = Field(default_factory=dict, description="answer a request whose body "
+                                               "contains a key with that key's status (deterministic faults: "
+                                               "{\"FAIL-ME\": 500} fails exactly the lines holding FAIL-ME)")
     max_rpm: int = Field(default=0, ge=0, description="answer 429 above this many requests a minute; 0 = unlimited")
     api_key: str = Field(default="", description="require 'Authorization: Bearer <this>'; empty = accept any")
     usage_total_tokens: int | None = Field(default=None, ge=0, description="report this total in every usage block "

@@ -8,11 +8,11 @@ from starlette.responses import Response, StreamingResponse
 
 from api.idempotency import OPENAPI_HEADER, respond_once
 from api.deps import BatchReaderDep, BlobsDep, PrincipalDep, ProvidersDep, SettingsDep, StoreDep
-from shared import batch_service, file_service, progress
+from shared import batch_service, file_service, progress, retry_service
 from shared.errors import InvalidRequest, NotFound
 from shared.providers import ProviderRegistry
 from shared.queue import enqueue_forward, enqueue_orchestrate
-from shared.schemas import Batch, BatchCreateRequest, BatchProgress, ListPage
+from shared.schemas import Batch, BatchCreateRequest, BatchProgress, BatchRetryRequest, ListPage
 from shared.scope import Principal
 from shared.settings import Settings
 from shared.store import Store
@@ -122,6 +122,30 @@ async def cancel_batch(batch_id: str, request: Request, principal: PrincipalDep,
         return [batch_id]
 
     return await respond_once(request, principal, store, settings, request_parts, cancel)
+
+
+RETRY_BODY = {"requestBody": {"required": False, "content": {
+    "application/json": {"schema": BatchRetryRequest.model_json_schema()}}}}
+
+
+@router.post("/batches/{batch_id}/retry", response_model=Batch, openapi_extra=RETRY_BODY)
+@singular_router.post("/batch/{batch_id}/retry", response_model=Batch, openapi_extra=RETRY_BODY)
+async def retry_batch(batch_id: str, request: Request, principal: PrincipalDep, store: StoreDep, blobs: BlobsDep,
+                      settings: SettingsDep, providers: ProvidersDep) -> Response:
+    """A batchgate extension: a new batch of a finished batch's failed lines (all, or those with one of `codes`),
+    with `retry_of` on it and its id in the old batch's `retried_by`; once per Idempotency-Key."""
+
+    async def retry() -> Batch:
+        body = await _json_body(request)
+        batch = await run_in_threadpool(retry_service.retry_batch, store, blobs, settings, providers, principal,
+                                        batch_id, body)
+        await run_in_threadpool(enqueue_orchestrate, batch.id)
+        return batch
+
+    async def request_parts() -> list[bytes | str]:
+        return [batch_id, await request.body()]
+
+    return await respond_once(request, principal, store, settings, request_parts, retry)
 
 
 @router.get("/batches/{batch_id}/progress", response_model=BatchProgress)
