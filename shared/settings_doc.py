@@ -62,7 +62,7 @@ def table(model: type[BaseModel], prefix: str, level: str = "##", first_heading:
             if not field.description:
                 raise ValueError(f"{model.__name__}.{name} has no description=; give it one, then run {COMMAND}")
             text = field.description.replace("|", "\\|")
-            out.append(f"| `{prefix}{name.upper()}` | {_default(name, field.default)} | {text}{_bounds(field)} |")
+            out.append(f"| `{prefix}{name.upper()}` | {_default(name, field.get_default(call_default_factory=True))} | {text}{_bounds(field)} |")
         out.append("")
     return "\n".join(out)
 
