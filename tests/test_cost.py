@@ -154,13 +154,16 @@ def test_a_tenant_without_priced_batches_shows_no_cost(store, redis_client):
 
 PRICED = {"input": 2, "cached_input": 1, "output": 8}  # micro-USD per token: per = 1_000_000 (the default)
 DISCOUNTED = {"input": 6, "output": 4, "discount": 0.5}
+NATIVE = {"input": 4, "output": 6}
 
 
 def _providers(stack) -> str:
     def table(name: str, spec: dict) -> str:
         return f'[prices."{name}"]\n' + "".join(f"{k} = {v}\n" for k, v in spec.items())
-    return (f'default = "sim"\ncurrency = "USD"\n[providers.sim]\nbase_url = "http://127.0.0.1:{stack.sim_port}/v1"\n'
-            f'api_key = "{UPSTREAM_SECRET}"\n' + table("priced-model", PRICED) + table("disc-*", DISCOUNTED))
+    sim = f'base_url = "http://127.0.0.1:{stack.sim_port}/v1"\napi_key = "{UPSTREAM_SECRET}"\n'
+    return (f'default = "sim"\ncurrency = "USD"\n[providers.sim]\n{sim}'
+            f'[providers.native]\n{sim}models = ["native-*"]\nbatch_api = "native"\n'  # the simulator's Batch API
+            + table("priced-model", PRICED) + table("disc-*", DISCOUNTED) + table("native-*", NATIVE))
 
 
 def _expected_micros(client, batch, spec: dict) -> int:
@@ -194,7 +197,7 @@ def _metric(stack, tenant: str) -> float | None:
 
 @pytest.mark.e2e
 def test_cost_of_batches_end_to_end(make_stack):
-    stack = make_stack()
+    stack = make_stack(forward_poll_min_s=0.5, forward_poll_max_s=1)
     path = stack.root / "providers.toml"
     path.write_text(_providers(stack))
     stack.group.env["BATCHGATE_PROVIDERS_FILE"] = str(path)
@@ -206,7 +209,9 @@ def test_cost_of_batches_end_to_end(make_stack):
     discounted = wait_terminal(client, submit(client, chat_lines(4, model="disc-model", prefix="d")).id)
     free = wait_terminal(client, submit(client, chat_lines(3, model="free-model")).id)
     theirs = wait_terminal(other, submit(other, chat_lines(2, model="priced-model")).id)
-    assert {b.status for b in (priced, discounted, free, theirs)} == {"completed"}
+    forwarded = wait_terminal(client, submit(client, chat_lines(3, model="native-model", prefix="n")).id)
+    assert {b.status for b in (priced, discounted, free, theirs, forwarded)} == {"completed"}
+    assert forwarded.provider_batch_id  # ended by workers/forward.py, not by finalize
 
     # cost = tokens x price, exactly, on the SDK's object (an extra field of its Usage type)
     micros = _expected_micros(client, priced, PRICED)
@@ -215,6 +220,8 @@ def test_cost_of_batches_end_to_end(make_stack):
     disc_micros = _expected_micros(client, discounted, DISCOUNTED)
     assert discounted.usage.to_dict()["cost"] == disc_micros / 1_000_000
     theirs_micros = _expected_micros(other, theirs, PRICED)
+    native_micros = _expected_micros(client, forwarded, NATIVE)
+    assert forwarded.usage.model_extra["cost"] == native_micros / 1_000_000
     assert theirs.usage.model_extra["cost"] == theirs_micros / 1_000_000
     # a model without a price: usage, and no cost
     assert free.usage.total_tokens > 0 and "cost" not in free.usage.to_dict() and "currency" not in free.usage.to_dict()
@@ -224,9 +231,9 @@ def test_cost_of_batches_end_to_end(make_stack):
     # the operator's sums: per tenant, and per UTC day of the batches' end
     admin = httpx.get(stack.base_url.removesuffix("/v1") + "/admin/usage",
                       headers={"Authorization": f"Bearer {ADMIN_API_KEY}"}, timeout=5).json()["tenants"]
-    total = micros + disc_micros
+    total = micros + disc_micros + native_micros
     by_day: Counter[str] = Counter()
-    for batch, cost in ((priced, micros), (discounted, disc_micros)):
+    for batch, cost in ((priced, micros), (discounted, disc_micros), (forwarded, native_micros)):
         by_day[datetime.datetime.fromtimestamp(batch.completed_at, datetime.UTC).date().isoformat()] += cost
     assert round(admin["tenant-a"]["cost"]["USD"] * 1_000_000) == total
     assert {day: round(c["USD"] * 1_000_000) for day, c in admin["tenant-a"]["cost_by_day"].items()} == by_day
