@@ -3,6 +3,7 @@
 Configured in a TOML file named by BATCHGATE_PROVIDERS_FILE (every key, commented: providers.example.toml):
 
     default = "openai"
+    currency = "USD"                     # the currency of every [prices] entry; default "USD"
 
     [providers.openai]
     base_url = "https://api.openai.example/v1"
@@ -38,8 +39,6 @@ Configured in a TOML file named by BATCHGATE_PROVIDERS_FILE (every key, commente
     webhook_secret = "whsec_..."         # Standard Webhooks signing secret
     weight = 1                           # its share of the workers against other tenants with work
     max_enqueued_requests = 100000       # requests of started, unfinished batches; a batch over it waits
-
-    currency = "USD"                     # the currency of every price below; default "USD"
 
     [prices."gpt-4o-mini"]               # a model's name, or an fnmatch pattern ("gpt-4o*"); the exact name wins
     input = 0.15                         # per `per` input tokens (cached ones at cached_input, if set)

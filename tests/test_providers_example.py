@@ -10,7 +10,8 @@ from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "providers.example.toml"
-TOP_LEVEL = {"default", "currency", "providers", "tenants", "prices"}  # what ProviderRegistry.from_settings reads from the file
+# what ProviderRegistry.from_settings reads from the file
+TOP_LEVEL = {"default", "currency", "providers", "tenants", "prices"}
 
 
 def _load(monkeypatch) -> ProviderRegistry:
