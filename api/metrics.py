@@ -16,6 +16,7 @@ from shared import metrics
 from shared.providers import Provider, ProviderRegistry
 from shared.queue import CHUNKS_QUEUE, CONTROL_QUEUE
 from shared.lifecycle import ACTIVE as ACTIVE_STATUSES
+from shared.lifecycle import MICROS
 from shared.store import Store
 
 _COUNTERS = {
@@ -81,6 +82,13 @@ class RedisCollector:
         for status, value in sorted(by_name.get("batches_finished", {}).items()):
             finished.add_metric([status], value)
         yield finished
+
+        cost = CounterMetricFamily("batchgate_cost", "Cost of the ended batches' usage at the [prices] of the "
+                                   "providers file, in the currency's units", labels=["tenant", "currency"])
+        for label, micros in sorted(by_name.get("cost_micros", {}).items()):
+            currency, _, tenant = label.partition("|")
+            cost.add_metric([tenant, currency], micros / MICROS)
+        yield cost
 
         reruns = CounterMetricFamily("batchgate_chunk_reruns", "Chunk runs after the first (crash recovery)")
         reruns.add_metric([], sum(by_name.get("chunk_reruns", {}).values()))

@@ -12,7 +12,8 @@ What the sweeper does for a batch that stopped making progress lives in `shared/
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -104,6 +105,7 @@ KEPT_TIMESTAMPS = (*TIMESTAMPS, "queued_at")  # the batch object shows TIMESTAMP
 # Token counts are summed from what upstreams report; an absurd figure saturates here instead of overflowing the
 # int64 of a Redis counter, or the 2^53 a JavaScript client can hold exactly.
 USAGE_CEILING = 2**53 - 1
+MICROS = 1_000_000  # a cost is kept in millionths of its currency (shared/providers.py Price)
 
 
 def diagram() -> str:
@@ -309,6 +311,10 @@ class Ending:
     cancelled: int = 0  # of the failed: never sent (batch_cancelled), or cut off by the window (batch_expired)
     expired: int = 0
     codes: dict[str, int] | None = None  # the error file's lines by code
+    # The usage's cost in millionths of `currency` (the model's [prices] entry; Lifecycle.end fills it), or None
+    # when the model has no price.
+    cost_micros: int | None = None
+    currency: str | None = None
 
     def fields(self) -> dict[str, str]:
         out = {"completed": str(self.completed), "failed": str(self.failed)}
@@ -316,7 +322,7 @@ class Ending:
         if self.codes is not None:
             out["errors_by_code"] = orjson.dumps(self.codes).decode()
         if any(self.usage):
-            out["usage"] = orjson.dumps(batch_usage(self.usage)).decode()
+            out["usage"] = orjson.dumps(batch_usage(self.usage, self.cost_micros, self.currency)).decode()
         if self.output_file_id:
             out["output_file_id"] = self.output_file_id
         if self.error_file_id:
@@ -330,11 +336,14 @@ def saturate(values: list[int]) -> list[int]:
     return [min(max(0, v), USAGE_CEILING) for v in values]
 
 
-def batch_usage(values: list[int]) -> dict:
+def batch_usage(values: list[int], cost_micros: int | None = None, currency: str | None = None) -> dict:
     input_tokens, cached, output_tokens, reasoning, total = saturate(values)
-    return {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": cached},
-            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": reasoning},
-            "total_tokens": total}
+    usage = {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": cached},
+             "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": reasoning},
+             "total_tokens": total}
+    if cost_micros is not None:  # batchgate's extension: the usage at the model's price
+        usage |= {"cost": cost_micros / MICROS, "currency": currency}
+    return usage
 
 
 def webhook_event_id(batch_id: str, event_type: str) -> str:
@@ -352,6 +361,9 @@ class Effects:
     webhook_event: str | None  # the event id, when the tenant wants webhooks
     webhook_type: str | None
     cleanup_at: float
+    cost_micros: int = 0  # added to the tenant's cost in `currency`, in total and on `day` (UTC, of the move)
+    currency: str = ""
+    day: str = ""
 
 
 @dataclass(frozen=True)
@@ -362,12 +374,16 @@ class Outcome:
 
 class Lifecycle:
     """The verbs. `wants_webhooks(tenant)` says whether a tenant has a webhook; `cleanup_delay_s` how long a
-    finished batch's working state is kept (so a Redis restored a little older can still finish it)."""
+    finished batch's working state is kept (so a Redis restored a little older can still finish it);
+    `cost(model, usage)` prices an ending's usage: (micro-units, currency), or None for a model without a price
+    (ProviderRegistry.cost)."""
 
-    def __init__(self, store: "Store", *, cleanup_delay_s: float, wants_webhooks=lambda tenant: False) -> None:
+    def __init__(self, store: "Store", *, cleanup_delay_s: float, wants_webhooks=lambda tenant: False,
+                 cost=lambda model, usage: None) -> None:
         self.store = store
         self.cleanup_delay_s = cleanup_delay_s
         self.wants_webhooks = wants_webhooks
+        self.cost = cost
 
     def _move(self, batch_id: str, verb: str, now: float, fields: dict[str, str] | None = None,
               ending: Ending | None = None, tenant: str = "", created_at: int = 0) -> Outcome:
@@ -381,7 +397,9 @@ class Lifecycle:
             effects = Effects(tenant=tenant, usage=saturate(ending.usage), completed=ending.completed,
                               failed=ending.failed,
                               webhook_event=webhook_event_id(batch_id, event_type) if wants else None,
-                              webhook_type=event_type if wants else None, cleanup_at=now + self.cleanup_delay_s)
+                              webhook_type=event_type if wants else None, cleanup_at=now + self.cleanup_delay_s,
+                              cost_micros=ending.cost_micros or 0, currency=ending.currency or "",
+                              day=time.strftime("%Y-%m-%d", time.gmtime(now)))
         moved, status = self.store.apply_move(batch_id, move, int(now), fields or {}, effects)
         if moved and move.terminal:
             events.ended(batch_id, move.to, ending, now - created_at if created_at else None, move.why)
@@ -418,5 +436,9 @@ class Lifecycle:
         """A terminal move with its results: `complete`, `end_cancelled`, `expire`, `lose` or `fail_remote` (and
         `fail`, for a forwarded batch whose provider refused it while it was validating)."""
         assert MOVES[verb].terminal, verb
+        if ending.cost_micros is None and any(ending.usage):
+            priced = self.cost(record.state.model, saturate(ending.usage))
+            if priced is not None:
+                ending = replace(ending, cost_micros=priced[0], currency=priced[1])
         return self._move(record.id, verb, now, ending=ending, tenant=record.spec.tenant,
                           created_at=record.spec.created_at)

@@ -6,7 +6,10 @@ from __future__ import annotations
 # KEYS: 1 batch hash, 2 active zset, 3 metric counters, 4 tenant usage hash, 5 usage tenants set, 6 webhook event
 # hash, 7 pending webhooks zset, 8 clean-up outbox zset, 9 the scheduler's enqueued requests per tenant.
 # ARGV: to, now, timestamp field, terminal (1/0), batch id, n_from, from..., n_fields, (name, value)..., and for a
-# terminal move: tenant, 5 usage figures, completed, failed, event id ("" for none), event type, clean-up time.
+# terminal move: tenant, 5 usage figures, completed, failed, event id ("" for none), event type, clean-up time,
+# cost in micro-units, its currency ("" when the model has no price), the UTC day of the move (YYYY-MM-DD).
+# The cost is added, saturating at 2^53-1, to the tenant's usage hash fields `cost_micros|CUR` and
+# `cost_micros|CUR|DAY`, and to the metric counter `cost_micros|CUR|TENANT`.
 # Returns {1, previous status} when moved, {0, current status} when not.
 APPLY_MOVE = """
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -47,6 +50,16 @@ if ARGV[4] == '1' then
     redis.call('ZADD', KEYS[7], ARGV[2], event_id)
   end
   redis.call('ZADD', KEYS[8], ARGV[i + 10], batch_id)
+  local currency = ARGV[i + 12] or ''
+  if currency ~= '' then
+    local cost = tonumber(ARGV[i + 11]) or 0
+    local sums = {{KEYS[4], 'cost_micros|' .. currency}, {KEYS[4], 'cost_micros|' .. currency .. '|' .. ARGV[i + 13]},
+                  {KEYS[3], 'cost_micros|' .. currency .. '|' .. tenant}}
+    for _, s in ipairs(sums) do
+      local cur = tonumber(redis.call('HGET', s[1], s[2]) or '0') or 0
+      redis.call('HSET', s[1], s[2], string.format('%.0f', math.min(cur + cost, 9007199254740991)))
+    end
+  end
   local admitted = tonumber(redis.call('HGET', KEYS[1], 'admitted') or '0') or 0
   if admitted > 0 then
     redis.call('HINCRBY', KEYS[9], tenant, -admitted)

@@ -3,6 +3,7 @@
 Configured in a TOML file named by BATCHGATE_PROVIDERS_FILE (every key, commented: providers.example.toml):
 
     default = "openai"
+    currency = "USD"                     # the currency of every [prices] entry; default "USD"
 
     [providers.openai]
     base_url = "https://api.openai.example/v1"
@@ -39,6 +40,13 @@ Configured in a TOML file named by BATCHGATE_PROVIDERS_FILE (every key, commente
     weight = 1                           # its share of the workers against other tenants with work
     max_enqueued_requests = 100000       # requests of started, unfinished batches; a batch over it waits
 
+    [prices."gpt-4o-mini"]               # a model's name, or an fnmatch pattern ("gpt-4o*"); the exact name wins
+    input = 0.15                         # per `per` input tokens (cached ones at cached_input, if set)
+    cached_input = 0.075
+    output = 0.60                        # per `per` output tokens (reasoning tokens are among them)
+    per = 1_000_000
+    discount = 0.5                       # the batch discount: the sum is multiplied by (1 - discount)
+
 Every key but base_url is optional; the defaults are those of the Provider model below, except that a provider
 without max_response_bytes takes BATCHGATE_UPSTREAM_MAX_RESPONSE_BYTES. Without a file there is one provider,
 "default", from BATCHGATE_UPSTREAM_* settings.
@@ -48,13 +56,16 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 import tomllib
+from decimal import ROUND_HALF_EVEN, Context, Decimal
 from functools import lru_cache
 from typing import Literal
 from urllib.parse import quote, urlencode, urlsplit
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+from shared.lifecycle import MICROS, USAGE_CEILING
 from shared.settings import DEFAULT_MAX_RESPONSE_BYTES, Settings, get_settings
 
 
@@ -146,9 +157,52 @@ class TenantConfig(BaseModel):
         default=None, ge=1, description="requests of started, unfinished batches; a batch over it waits")
 
 
+# Costs are kept in millionths of the currency unit (MICROS: integers, summed in Redis without float drift), and
+# saturate at 2^53 - 1 micro-units like the token counts.
+COST_CEILING = USAGE_CEILING
+CURRENCY_PATTERN = r"^[A-Za-z0-9_.-]{1,16}$"
+
+
+class Price(BaseModel):
+    """A model's price, per `per` tokens, in the file's `currency`."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not a price of 0
+
+    input: float = Field(ge=0, description="per `per` input tokens (the uncached ones, when cached_input is set)")
+    output: float = Field(default=0.0, ge=0, description="per `per` output tokens (reasoning tokens among them)")
+    cached_input: float | None = Field(default=None, ge=0,
+                                       description="per `per` cached input tokens; default: the input price")
+    per: int = Field(default=1_000_000, ge=1, description="the number of tokens the prices are for")
+    discount: float | None = Field(default=None, ge=0, le=1,
+                                   description="a share taken off the whole cost (0.5 = half price); default none")
+
+    def cost_micros(self, usage: list[int]) -> int:
+        """The cost of a batch's usage [input, cached, output, reasoning, total] in millionths of the currency:
+        ((input - cached) x input + cached x (cached_input or input) + output x output) / per, times
+        (1 - discount) when a discount is set, rounded half to even to a whole micro-unit. Exact decimal
+        arithmetic on the prices as written (0.15 is 0.15, not the nearest binary float)."""
+        ctx = Context(prec=60)
+        input_tokens, output_tokens = max(0, usage[0]), max(0, usage[2])
+        cached = min(max(0, usage[1]), input_tokens)
+        price = lambda value: Decimal(repr(float(value)))  # noqa: E731 - the shortest decimal that reads back as it
+        cached_price = self.cached_input if self.cached_input is not None else self.input
+        amount = ctx.add(ctx.add(ctx.multiply(Decimal(input_tokens - cached), price(self.input)),
+                                 ctx.multiply(Decimal(cached), price(cached_price))),
+                         ctx.multiply(Decimal(output_tokens), price(self.output)))
+        amount = ctx.divide(ctx.multiply(amount, Decimal(MICROS)), Decimal(self.per))
+        if self.discount is not None:
+            amount = ctx.multiply(amount, ctx.subtract(Decimal(1), price(self.discount)))
+        return min(int(amount.quantize(Decimal(1), rounding=ROUND_HALF_EVEN, context=ctx)), COST_CEILING)
+
+
 class ProviderRegistry:
     def __init__(self, providers: list[Provider], default: str, tenants: dict[str, TenantConfig] | None = None,
-                 webhook_allowed_hosts: tuple[str, ...] = ()) -> None:
+                 webhook_allowed_hosts: tuple[str, ...] = (), prices: dict[str, Price] | None = None,
+                 currency: str = "USD") -> None:
+        self.prices = prices or {}
+        if not re.match(CURRENCY_PATTERN, currency):
+            raise ValueError(f"currency {currency!r}: 1-16 letters, digits, '_', '.' or '-'")
+        self.currency = currency
         self.providers = {p.name: p for p in providers}
         if default not in self.providers:
             raise ValueError(f"default provider {default!r} is not configured")
@@ -197,6 +251,22 @@ class ProviderRegistry:
     def get(self, name: str) -> Provider | None:
         return self.providers.get(name)
 
+    def price_for(self, model: str | None) -> Price | None:
+        """The price of `model`: its exact name in [prices], else the first pattern matching it, else none."""
+        if not model:
+            return None
+        if model in self.prices:
+            return self.prices[model]
+        for pattern, price in self.prices.items():
+            if fnmatch.fnmatchcase(model, pattern):
+                return price
+        return None
+
+    def cost(self, model: str | None, usage: list[int]) -> tuple[int, str] | None:
+        """(micro-units, currency) of a batch of `model` that used `usage`, or None when the model has no price."""
+        price = self.price_for(model)
+        return None if price is None else (price.cost_micros(usage), self.currency)
+
     def for_model(self, model: str | None) -> Provider:
         if model:
             for provider in self.providers.values():
@@ -232,7 +302,9 @@ class ProviderRegistry:
             raise ValueError(f"{settings.providers_file} defines no [providers.*] table")
         tenants = {name: TenantConfig(**spec) for name, spec in data.get("tenants", {}).items()}
         allowed_hosts = tuple(h.strip() for h in settings.webhook_allowed_hosts.split(",") if h.strip())
-        return cls(providers, data.get("default", providers[0].name), tenants, allowed_hosts)
+        prices = {model: Price(**spec) for model, spec in data.get("prices", {}).items()}
+        return cls(providers, data.get("default", providers[0].name), tenants, allowed_hosts, prices,
+                   data.get("currency", "USD"))
 
 
 @lru_cache

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 FilePurpose = Literal[
     "assistants", "assistants_output", "batch", "batch_output", "fine-tune", "fine-tune-results", "vision", "user_data",
@@ -86,6 +86,19 @@ class BatchUsage(WireModel):
     output_tokens: int = 0
     output_tokens_details: OutputTokensDetails = Field(default_factory=OutputTokensDetails)
     total_tokens: int = 0
+    # batchgate's extension (the SDKs keep it as an extra field: `batch.usage.model_extra["cost"]`); both fields are
+    # left out of the JSON when the model has no price. The serializer has no return type so the schema stays.
+    cost: float | None = Field(default=None, description="the usage at the model's price in the providers file "
+                               "([prices]), in `currency`, rounded to millionths; absent when the model has no price")
+    currency: str | None = Field(default=None, description="the currency of `cost` (the providers file's `currency`)")
+
+    @model_serializer(mode="wrap")
+    def _without_absent_cost(self, handler: SerializerFunctionWrapHandler):
+        data = handler(self)
+        for name in ("cost", "currency"):
+            if data.get(name) is None:
+                data.pop(name, None)
+        return data
 
 
 class BatchError(WireModel):

@@ -176,7 +176,7 @@ class Store(ExecutionStore, OpsStore, SchedulerStore, IdempotencyStore, ForwardS
             argv += [name, value]
         if effects is not None:
             argv += [tenant, *effects.usage, effects.completed, effects.failed, event, effects.webhook_type or "",
-                     f"{effects.cleanup_at:.3f}"]
+                     f"{effects.cleanup_at:.3f}", effects.cost_micros, effects.currency, effects.day]
         moved, status = self._apply_move(
             keys=[keys.batch(batch_id), keys.ACTIVE_BATCHES, keys.METRIC_COUNTERS, keys.usage(tenant),
                   keys.USAGE_TENANTS, keys.webhook_event(event), keys.WEBHOOKS_PENDING, keys.CLEANUP_OUTBOX,

@@ -8,8 +8,10 @@ from collections import Counter
 import redis
 
 from shared import keys, lua
+from shared.lifecycle import MICROS
 
 USAGE_KINDS = ("input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens", "total_tokens")
+COST_FIELD = "cost_micros"  # usage hash fields cost_micros|CUR and cost_micros|CUR|DAY (lua.APPLY_MOVE)
 
 
 class OpsStore:
@@ -59,12 +61,31 @@ class OpsStore:
 
     # ---- usage ------------------------------------------------------------------------------------------------
 
-    def tenant_usage(self) -> dict[str, dict[str, int]]:
+    def tenant_usage(self) -> dict[str, dict]:
+        """Per tenant: token and request totals, and once a priced batch has ended, `cost` {currency: amount} and
+        `cost_by_day` {UTC day of the batches' end: {currency: amount}} (kept in micro-units, shown in units)."""
         tenants = sorted(self.r.smembers(keys.USAGE_TENANTS))
         pipe = self.r.pipeline(transaction=False)
         for tenant in tenants:
             pipe.hgetall(keys.usage(tenant))
-        return {t: {k: int(v) for k, v in raw.items()} for t, raw in zip(tenants, pipe.execute())}
+        out: dict[str, dict] = {}
+        for tenant, raw in zip(tenants, pipe.execute()):
+            usage: dict = {}
+            for name, value in raw.items():
+                kind, _, rest = name.partition("|")
+                if kind != COST_FIELD:
+                    usage[name] = int(value)
+                    continue
+                currency, _, day = rest.partition("|")
+                amount = int(value) / MICROS
+                if day:
+                    usage.setdefault("cost_by_day", {}).setdefault(day, {})[currency] = amount
+                else:
+                    usage.setdefault("cost", {})[currency] = amount
+            if "cost_by_day" in usage:
+                usage["cost_by_day"] = dict(sorted(usage["cost_by_day"].items()))
+            out[tenant] = usage
+        return out
 
     # ---- webhook events (written by terminal moves; see shared/lifecycle.py) ----------------------------------
 

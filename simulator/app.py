@@ -93,6 +93,13 @@ class Simulator:
         if cfg.usage_total_tokens is not None and isinstance(answer.get("usage"), dict):
             answer["usage"] = {**answer["usage"], "total_tokens": cfg.usage_total_tokens,
                                "prompt_tokens": cfg.usage_total_tokens}
+        if cfg.usage_cached_tokens is not None and isinstance(answer.get("usage"), dict):
+            usage = answer["usage"]
+            chat_style = "prompt_tokens" in usage
+            prompt = usage.get("prompt_tokens" if chat_style else "input_tokens") or 0
+            details = "prompt_tokens_details" if chat_style else "input_tokens_details"
+            answer["usage"] = {**usage, details: {**(usage.get(details) or {}),
+                                                  "cached_tokens": min(cfg.usage_cached_tokens, prompt)}}
         return _json(answer)
 
     async def get_config(self, request: Request) -> Response:

@@ -22,6 +22,8 @@ class SimulatorConfig(BaseModel):
     api_key: str = Field(default="", description="require 'Authorization: Bearer <this>'; empty = accept any")
     usage_total_tokens: int | None = Field(default=None, ge=0, description="report this total in every usage block "
                                            "(an upstream that gets its figures absurdly wrong)")
+    usage_cached_tokens: int | None = Field(default=None, ge=0, description="report this many of each answer's input "
+                                            "tokens as cached (at most all of them)")
     batch_validating_s: float = Field(default=0.2, ge=0, description="how long a created batch stays `validating`")
     batch_lines_per_s: float = Field(default=500.0, ge=0, description="how fast a batch answers its lines; 0 = at once")
     batch_fail_after: int | None = Field(default=None, ge=0, description="a batch fails (status `failed`, code "

@@ -36,7 +36,8 @@ class Runtime:
         self.blobs: BlobStore = make_blob_store(settings)
         self.providers: ProviderRegistry = get_registry()
         self.lifecycle = Lifecycle(self.store, cleanup_delay_s=settings.cleanup_delay_s,
-                                   wants_webhooks=lambda tenant: self.providers.webhook(tenant) is not None)
+                                   wants_webhooks=lambda tenant: self.providers.webhook(tenant) is not None,
+                                   cost=self.providers.cost)
         self.runner = asyncio.Runner(loop_factory=_loop_factory())
         self._sessions: dict[str, aiohttp.ClientSession] = {}
         self._limiters: dict[str, ProviderLimiter] = {}

@@ -22,7 +22,8 @@ def require_admin(request: Request, settings) -> None:
 
 @router.get("/usage")
 def usage(request: Request, store: StoreDep, settings: SettingsDep) -> dict:
-    """Token and request totals per tenant, over every batch that has ended."""
+    """Token and request totals per tenant, over every batch that has ended; with [prices] in the providers file,
+    also `cost` {currency: amount} and `cost_by_day` {UTC day of the batches' end: {currency: amount}}."""
     require_admin(request, settings)
     return {"object": "usage", "tenants": store.tenant_usage()}
 
