@@ -105,7 +105,8 @@ def test_make_compose_check_validates_the_file_offline(tmp_path):
     run = subprocess.run(["make", "-s", "compose-check"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     broken = tmp_path / "docker-compose.yml"
-    broken.write_text((ROOT / "docker-compose.yml").read_text().replace("  worker:\n", "  worker:\n    no_such_option: 1\n", 1))
+    text = (ROOT / "docker-compose.yml").read_text()
+    broken.write_text(text.replace("  worker:\n", "  worker:\n    no_such_option: 1\n", 1))
     run = subprocess.run(["docker-compose", "-f", str(broken), "config", "-q"], capture_output=True, text=True,
                          timeout=120)
     assert run.returncode != 0

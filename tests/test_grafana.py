@@ -37,8 +37,9 @@ def test_the_dashboard_covers_what_operators_watch():
         assert expr.count("(") == expr.count(")"), expr
         # every metric is first taken by max (across pods), never summed raw
         for name in METRIC.findall(expr):
-            assert re.search(rf"max(\s+by\s*\([^)]*\))?\s*\((\s*sum without \(provider\) \()?\s*(rate|increase)?\(?{name}\b",
-                             expr), f"{name} in {expr!r} is not aggregated with max"
+            taken_by_max = (r"max(\s+by\s*\([^)]*\))?\s*\((\s*sum without \(provider\) \()?"
+                            rf"\s*(rate|increase)?\(?{name}\b")
+            assert re.search(taken_by_max, expr), f"{name} in {expr!r} is not aggregated with max"
 
 
 @pytest.mark.e2e
