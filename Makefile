@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 # included, prints it with setuptools >= 77.
 EDITABLE_INSTALL := PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install --quiet -e
 
-.PHONY: venv run test bench clean
+.PHONY: venv run test bench clean compose-check
 
 venv: $(STAMP)
 
@@ -37,6 +37,12 @@ bench: venv
 	$(BIN)/python -m bench.api
 	$(BIN)/python -m bench.ratelimit
 	$(BIN)/python -m bench.adaptive
+
+# docker-compose.yml validated offline: `config -q` parses and interpolates it without a Docker engine (Debian's
+# docker-compose package; .ci/run installs it). COMPOSE="docker compose" uses the v2 plugin instead.
+COMPOSE ?= docker-compose
+compose-check:
+	$(COMPOSE) -f docker-compose.yml config -q
 
 clean:
 	rm -rf $(VENV) data .pytest_cache *.egg-info

@@ -99,7 +99,21 @@ class RedisCollector:
             repairs.add_metric([kind], value)
         yield repairs
 
+        # Result lines made durable: by tenant (the configured tenants), and error-file lines by code (README
+        # "Error codes", plus http_<status> for a non-2xx answer); both label sets are bounded.
+        lines = CounterMetricFamily("batchgate_tenant_lines", "Result lines written (output and error), by tenant",
+                                    labels=["tenant"])
+        for tenant, value in sorted(by_name.get("tenant_lines", {}).items()):
+            lines.add_metric([tenant], value)
+        yield lines
+        errors = CounterMetricFamily("batchgate_error_lines", "Error-file lines written, by error code",
+                                     labels=["code"])
+        for code, value in sorted(by_name.get("error_lines", {}).items()):
+            errors.add_metric([code], value)
+        yield errors
+
         yield from self._active()
+        yield from self._pending()
         yield from self._latency()
         yield from self._adaptive()
 
@@ -131,6 +145,29 @@ class RedisCollector:
         for queue in (CHUNKS_QUEUE, CONTROL_QUEUE):
             depth.add_metric([queue], self.store.queue_depth(queue))
         yield depth
+
+    def _pending(self):
+        """The autoscaling signal (deploy/k8s/keda.yaml): requests of running batches not yet answered, by the
+        provider their batch runs on (fallbacks aside), every configured provider present (0 when idle)."""
+        gauge = GaugeMetricFamily("batchgate_pending_requests",
+                                  "Requests of running batches waiting to be sent or answered, by provider",
+                                  labels=["provider"])
+        totals: dict[str, int] = defaultdict(int)
+        if self.providers is not None:
+            for name in self.providers.providers:
+                totals[name] = 0
+        for (provider, model), pending in self.store.pending_requests().items():
+            totals[self._provider_of(provider, model)] += pending
+        for provider, pending in sorted(totals.items()):
+            gauge.add_metric([provider], pending)
+        yield gauge
+
+    def _provider_of(self, provider: str, model: str) -> str:
+        """The provider a batch runs on, as a chunk run picks it (workers/chunk.py begin_chunk)."""
+        if self.providers is None:
+            return provider or "default"
+        chosen = self.providers.get(provider) or self.providers.for_model(model or None)
+        return chosen.name if chosen is not None else (provider or "default")
 
     def _latency(self):
         raw = self.store.latency_histogram()

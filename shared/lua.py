@@ -153,6 +153,28 @@ redis.call('HDEL', KEYS[4], ARGV[2])
 return {1, redis.call('SCARD', KEYS[2]), n}
 """
 
+# A running batch's requests not yet answered (the autoscaling signal, shared/store_sched.py pending_requests): the
+# lines of every chunk not committed (released and waiting, or taken and running) less the lines its runs made
+# durable so far. KEYS: 1 batch hash, 2 plan list, 3 done set, 4 progress hash. ARGV: the status counted
+# (in_progress). Returns {provider, model, pending}, or nil for a batch in another status or forwarded whole to its
+# provider (whose own batch API does the work). O(chunks of the batch).
+PENDING_LINES = """
+local f = redis.call('HMGET', KEYS[1], 'status', 'forward', 'provider', 'model')
+if f[1] ~= ARGV[1] or f[2] == '1' then return false end
+local done = {}
+for _, i in ipairs(redis.call('SMEMBERS', KEYS[3])) do done[i] = true end
+local pending = 0
+for i, raw in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
+  if not done[tostring(i - 1)] then pending = pending + tonumber(string.match(raw, '(%d+)$')) end
+end
+for _, raw in ipairs(redis.call('HVALS', KEYS[4])) do
+  local c, e = string.match(raw, '(%d+):(%d+)')
+  pending = pending - tonumber(c) - tonumber(e)
+end
+if pending < 0 then pending = 0 end
+return {f[3] or '', f[4] or '', pending}
+"""
+
 # KEYS[1] a bitmap. Returns it as hex (the store's client decodes replies as text).
 BITMAP_HEX = """
 local s = redis.call('GET', KEYS[1])

@@ -8,16 +8,19 @@ leased nor done) and released again.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import redis
 
 from shared import keys, lua
-from shared.lifecycle import QUEUED, TERMINAL, VALIDATING
+from shared.lifecycle import IN_PROGRESS, QUEUED, TERMINAL, VALIDATING
 
 # A batch with less than this share of its completion window left runs before any other of its tenant's batches.
 URGENT_FRACTION = 0.25
 CANDIDATES_PER_TENANT = 64
+# pending_requests reads at most this many unfinished batches (the oldest), so a scrape stays cheap however many wait.
+PENDING_SCAN_LIMIT = 1000
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,7 @@ class SchedulerStore:
         self._release = client.register_script(lua.RELEASE_CHUNKS)
         self._take = client.register_script(lua.TAKE_CHUNK)
         self._admit = client.register_script(lua.ADMIT)
+        self._pending_lines = client.register_script(lua.PENDING_LINES)
         self._terminal = "," + ",".join(sorted(TERMINAL)) + ","
 
     def release_chunks(self, batch_id: str, tenant: str, weight: float, indexes: list[int]) -> None:
@@ -71,6 +75,26 @@ class SchedulerStore:
 
     def tenants_with_work(self) -> int:
         return int(self.r.zcard(keys.SCHED_TENANTS))
+
+    def pending_requests(self, limit: int = PENDING_SCAN_LIMIT) -> Counter[tuple[str, str]]:
+        """Requests of running batches waiting to be sent or answered, by the batch's (provider, model): the lines
+        of released chunks no runner took yet plus the lines not yet durable of the chunks running (both: every
+        chunk not committed, less its durable lines). Batches forwarded whole to a provider's batch API are left
+        out. One pipelined round trip of one short script per batch, over at most `limit` unfinished batches (the
+        oldest): the work of a scrape is bounded by limit x chunks per batch."""
+        batch_ids = self.r.zrange(keys.ACTIVE_BATCHES, 0, limit - 1)
+        out: Counter[tuple[str, str]] = Counter()
+        if not batch_ids:
+            return out
+        pipe = self.r.pipeline(transaction=False)
+        for batch_id in batch_ids:
+            bk = keys.BatchKeys(batch_id)
+            self._pending_lines(keys=[bk.record, bk.plan, bk.done, bk.progress], args=[IN_PROGRESS], client=pipe)
+        for got in pipe.execute():
+            if got:
+                provider, model, pending = got
+                out[(provider, model)] += int(pending)
+        return out
 
     def last_take(self) -> float:
         """When a runner last took a chunk (0 when none ever did)."""

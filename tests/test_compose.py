@@ -94,6 +94,24 @@ def test_every_variable_is_a_real_setting(name):
         assert var in settings or var in simulator, f"{name}: {var} is not a setting"
 
 
+def test_make_compose_check_validates_the_file_offline(tmp_path):
+    """`make compose-check` (docker-compose config -q, no Docker engine) passes on the file, and fails on a broken
+    copy, so it checks something. .ci/run installs Debian's docker-compose when it is missing."""
+    import shutil
+
+    if shutil.which("docker-compose") is None:
+        pytest.skip("docker-compose is not installed (apt-get install docker-compose; .ci/run does)")
+    assert "compose-check:" in (ROOT / "Makefile").read_text()
+    run = subprocess.run(["make", "-s", "compose-check"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    broken = tmp_path / "docker-compose.yml"
+    text = (ROOT / "docker-compose.yml").read_text()
+    broken.write_text(text.replace("  worker:\n", "  worker:\n    no_such_option: 1\n", 1))
+    run = subprocess.run(["docker-compose", "-f", str(broken), "config", "-q"], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode != 0
+
+
 def test_healthchecks_hit_real_routes():
     from starlette.testclient import TestClient
 

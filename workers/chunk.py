@@ -20,6 +20,7 @@ from shared import lines as wire
 from shared.blobs import BlobNotFound
 from shared.lifecycle import BatchRecord, Ending
 from shared.lines import InputLine, ResultLine
+from shared.metrics import MetricsBuffer
 from shared.providers import Provider
 from shared.store_exec import ChunkCommit, ChunkSpec, Segment, SegmentRejected
 from workers.routing import Router
@@ -101,6 +102,7 @@ class SegmentWriter:
     rejected: bool = False
     attempts: int = 0
     codes: Counter = field(default_factory=Counter)  # error codes of the pending lines
+    tenant: str = ""  # the batch's tenant, for the per-tenant line counter
 
     def add(self, pos: int, line: ResultLine, body: object = None) -> None:
         self.pending.append((pos, wire.encode(line), line.ok))
@@ -132,9 +134,24 @@ class SegmentWriter:
             self.rejected = True
             raise
         self.segments.append(segment)
+        lines = len(self.pending)
+        codes = {code: n for code, n in self.codes.items() if code is not None}
         self.pending.clear()
         self.codes.clear()
         self.usage = Usage()
+        self._count(lines, codes)
+
+    def _count(self, lines: int, codes: dict[str, int]) -> None:
+        """The /metrics counters of lines just made durable: by tenant, and error lines by code (both label sets
+        are bounded: tenants come from the configured keys, codes from README "Error codes" and http_<status>)."""
+        buffer = MetricsBuffer()
+        buffer.inc("tenant_lines", self.tenant, lines)
+        for code, n in codes.items():
+            buffer.inc("error_lines", code, n)
+        try:
+            buffer.flush(self.rt.store)
+        except Exception:  # noqa: BLE001 - a counter lost to a Redis blip must not undo a commit
+            log.warning("%s chunk %d: could not count lines in the metrics", self.batch_id, self.index, exc_info=True)
 
     def try_flush(self) -> None:
         """Flush, keeping the lines pending when Redis or the blob store is briefly unreachable."""
@@ -317,7 +334,7 @@ def begin_chunk(rt: Runtime, batch_id: str, index: int, close: str | None = None
     else:
         provider = rt.providers.get(record.state.provider or "") or rt.providers.for_model(record.state.model)
     return ChunkRun(record, index, token, started, attempt, earlier, len(finished), requests,
-                    SegmentWriter(rt, batch_id, index, token), closing, provider)
+                    SegmentWriter(rt, batch_id, index, token, tenant=record.spec.tenant), closing, provider)
 
 
 def end_chunk(rt: Runtime, run: ChunkRun, node: str) -> bool:

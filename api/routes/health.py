@@ -16,6 +16,14 @@ async def healthz(reader: BatchReaderDep) -> dict:
     return {"status": "ok"}
 
 
+@router.get("/readyz")
+async def readyz() -> dict:
+    """Readiness: the process serves HTTP. It does not ask Redis, so during a Redis failover the pods stay in their
+    Service and clients get 503 with Retry-After (which the SDKs retry) rather than refused connections; /healthz
+    reports Redis."""
+    return {"status": "ok"}
+
+
 @router.get("/metrics")
 def prometheus_metrics(request: Request, settings: SettingsDep) -> Response:
     check_metrics_access(settings, request.headers)
