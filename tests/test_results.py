@@ -4,9 +4,14 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from stack import OTHER_API_KEY, TERMINAL, Stack, assert_exactly_once, chat_lines, read_lines, submit, wait_terminal
@@ -18,6 +23,7 @@ from workers.chunk import segment_key
 pytestmark = pytest.mark.e2e
 
 N = 5000
+BATCHGATE = str(Path(sys.executable).parent / "batchgate")
 STATUS_ORDER = ["pending", "in_progress", "succeeded"]
 
 
@@ -243,3 +249,41 @@ def test_cursors_round_trip_and_refuse_garbage():
         with pytest.raises(Exception) as refused:
             Cursor.decode(text)
         assert getattr(refused.value, "param", None) == "after"
+
+
+def test_cli_results_follow_prints_every_line_once_as_it_finishes(slow):
+    client = slow.client()
+    n = 1500
+    batch = submit(client, chat_lines(n, prefix="cli"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
+    env.update(OPENAI_BASE_URL=slow.base_url, OPENAI_API_KEY=slow.api_key)
+    follow = subprocess.Popen([BATCHGATE, "results", batch.id, "--follow"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    printed: list[tuple[str, int]] = []  # (line, unfinished requests when it was read)
+    for text in follow.stdout:
+        counts = client.batches.retrieve(batch.id).request_counts
+        printed.append((text, n - counts.completed - counts.failed))
+    assert follow.wait(timeout=60) == 0, follow.stderr.read()
+    final = wait_terminal(client, batch.id)
+    lines = final_lines(client, final)
+    got = [json.loads(text) for text, _ in printed]
+    assert sorted(line["custom_id"] for line in got) == sorted(f"cli-{i}" for i in range(n))
+    assert all(line == lines[line["custom_id"]][1] for line in got)
+    assert any(unfinished > 0 for _, unfinished in printed), "lines were printed while others were unfinished"
+    # Without --follow it prints what is ready and stops; from the cursor it gives, the rest comes once.
+    done = subprocess.run([BATCHGATE, "results", batch.id], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and len(done.stdout.splitlines()) == n and done.stderr == ""
+
+
+def test_the_openapi_schema_shows_both_routes_and_their_models(slow):
+    schema = httpx.get(f"{slow.base_url.removesuffix('/v1')}/openapi.json", timeout=10).json()
+    ok = schema["paths"]["/v1/batches/{batch_id}/results"]["get"]["responses"]["200"]
+    assert ok["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ResultsPage"}
+    ok = schema["paths"]["/v1/batches/{batch_id}/requests/{custom_id}"]["get"]["responses"]["200"]
+    assert ok["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/RequestStatus"}
+    models = schema["components"]["schemas"]
+    assert set(models["ResultsPage"]["properties"]) == {"object", "data", "first_id", "last_id", "next_cursor",
+                                                         "has_more"}
+    assert models["RequestStatus"]["properties"]["status"]["enum"] == [
+        "pending", "in_progress", "succeeded", "errored", "cancelled", "expired"]
+    assert set(models["ResultItem"]["properties"]) == {"file", "line"}
