@@ -287,3 +287,36 @@ def test_the_openapi_schema_shows_both_routes_and_their_models(slow):
     assert models["RequestStatus"]["properties"]["status"]["enum"] == [
         "pending", "in_progress", "succeeded", "errored", "cancelled", "expired"]
     assert set(models["ResultItem"]["properties"]) == {"file", "line"}
+
+
+def test_a_forwarded_batch_serves_its_lines_once_it_has_ended(tmp_path):
+    from test_native_batch import native_stack
+
+    stack = native_stack(tmp_path / "native", forward_poll_min_s=0.5, forward_poll_max_s=1).start(workers=1,
+                                                                                                 concurrency=2)
+    try:
+        stack.sim_config(batch_lines_per_s=200, batch_fail_after=None, batch_expire_after=None)
+        client = stack.client()
+        n = 600
+        batch = submit(client, chat_lines(n, prefix="fwd"), extra_headers={"x-batchgate-provider": "native"})
+        seen_running: list[tuple[str, int, str]] = []  # (batch status, lines served, a request's status)
+        while (now := client.batches.retrieve(batch.id)).status not in TERMINAL:
+            got = page(client, batch.id, limit=100)
+            seen_running.append((now.status, len(got["data"]), request_status(client, batch.id, "fwd-5")["status"]))
+            assert got["next_cursor"] is not None and got["has_more"] is False
+            time.sleep(0.2)
+        assert any(status == "in_progress" for status, _, _ in seen_running)
+        assert all(served == 0 for _, served, _ in seen_running), "no line before the end"
+        assert {s for _, _, s in seen_running} <= {"pending", "in_progress"}
+        final = wait_terminal(client, batch.id)
+        assert final.status == "completed"
+        lines = final_lines(client, final)
+        walk = read_to_end(client, batch.id, None, limit=77)
+        assert sorted(item["line"]["custom_id"] for item in walk) == sorted(f"fwd-{i}" for i in range(n))
+        assert all((item["file"], item["line"]) == lines[item["line"]["custom_id"]] for item in walk)
+        assert request_status(client, batch.id, "fwd-5") == {"custom_id": "fwd-5", "status": "succeeded",
+                                                            "line": lines["fwd-5"][1]}
+        with pytest.raises(openai.NotFoundError):
+            request_status(client, batch.id, "fwd-600")
+    finally:
+        stack.stop()
