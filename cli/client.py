@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import time
 from collections import deque
 from datetime import datetime
@@ -467,5 +468,54 @@ def retry(
     raise typer.Exit(exit_code(batch.status, counts_of(batch)[1]))
 
 
+def follow_results(client: openai.OpenAI, batch_id: str, after: str | None, *, follow: bool, emit,
+                   interval_s: float = POLL_INTERVAL_S, sleep=time.sleep) -> str | None:
+    """Page through GET /batches/{id}/results from `after`, passing each line to `emit`. Without `follow`, stops when
+    no more lines are ready; with it, waits for more until the batch has ended. Returns the cursor to resume from
+    (None once every line of an ended batch was read)."""
+    while True:
+        params = {"limit": 100} | ({"after": after} if after else {})
+        page = client.get(f"/batches/{batch_id}/results", cast_to=object, options={"params": params})
+        for item in page["data"]:
+            emit(item["line"])
+        if page["next_cursor"] is None:
+            return None
+        after = page["next_cursor"]
+        if not page["has_more"]:
+            if not follow:
+                return after
+            sleep(interval_s)
+
+
+@reports_errors
+def results(
+    batch_id: Annotated[str, typer.Argument(metavar="ID")],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing lines as they finish, until the "
+                                         "batch ends.")] = False,
+    after: Annotated[Optional[str], typer.Option("--after", help="Resume after this cursor (printed on stderr "
+                                                 "when the command stops early).")] = None,
+    base_url: BaseUrl = DEFAULT_BASE_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Print a batch's finished lines, output and error lines alike, one JSON line each, as in the result files.
+
+    \b
+    Example:
+      batchgate results batch_abc123 --follow > results.jsonl
+    """
+    client = make_client(base_url, api_key)
+
+    def emit(line: dict) -> None:
+        print(json.dumps(line, separators=(",", ":"), ensure_ascii=False), flush=True)
+
+    cursor = after
+    try:
+        cursor = follow_results(client, batch_id, after, follow=follow, emit=emit)
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    if cursor is not None:
+        err_console.print(f"more lines to come; resume with --after {cursor}")
+
+
 COMMANDS = {"submit": submit, "status": status, "list": list_batches, "cancel": cancel, "download": download,
-            "retry": retry}
+            "retry": retry, "results": results}

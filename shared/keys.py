@@ -88,6 +88,7 @@ class BatchKeys:
         self.finalize_lease = f"{stem}:finalize-lease"
         self.forward_lease = f"{stem}:forward-lease"  # held by the one forward step running (workers/forward.py)
         self.finalize_lock_v1 = f"{stem}:finalize-lock"  # written by versions before the lifecycle module
+        self.custom_ids = f"{stem}:custom-ids"  # hash custom_id -> its request's place in the input (0-based)
         self.stem = stem
 
     def lease(self, index: int) -> str:
@@ -105,7 +106,7 @@ class BatchKeys:
         """Every execution key of the batch: what clean-up deletes once the batch has ended."""
         per_chunk = [k for i in range(n_chunks) for k in (self.lease(i), self.finished(i), self.segments(i))]
         return [self.plan, self.ready, self.done, self.counts, self.progress, self.attempts, self.redriven, self.finalize_lease,
-                self.finalize_lock_v1, self.forward_lease, self.history, *per_chunk]
+                self.finalize_lock_v1, self.forward_lease, self.history, self.custom_ids, *per_chunk]
 
 
 def usage(tenant: str) -> str:

@@ -163,6 +163,54 @@ class BatchProgress(WireModel):
     eta_seconds: float | None = None
 
 
+class ResultLineResponse(WireModel):
+    status_code: int
+    request_id: str
+    body: Any = None
+
+
+class ResultLineError(WireModel):
+    code: str
+    message: str
+
+
+class ResultLineObject(WireModel):
+    """A line of a batch's output or error file, as it is written there."""
+
+    id: str
+    custom_id: str
+    response: ResultLineResponse | None = None
+    error: ResultLineError | None = None
+    provider: str | None = None  # extension: the provider that answered; absent for requests never sent
+
+
+class ResultItem(WireModel):
+    file: Literal["output", "error"]
+    line: ResultLineObject
+
+
+class ResultsPage(WireModel):
+    """`GET /v1/batches/{id}/results`, a batchgate extension: the batch's finished lines so far, output and error
+    lines in one stream. `after=<next_cursor>` continues; `next_cursor` is null once the batch has ended and every
+    line was read. `first_id` / `last_id` are the page's first and last `custom_id`."""
+
+    object: Literal["list"] = "list"
+    data: list[ResultItem]
+    first_id: str | None = None
+    last_id: str | None = None
+    next_cursor: str | None = None
+    has_more: bool = False
+
+
+class RequestStatus(WireModel):
+    """`GET /v1/batches/{id}/requests/{custom_id}`, a batchgate extension: where one request of a batch stands, with
+    its line once it has finished (equal to its line in the output or error file)."""
+
+    custom_id: str
+    status: Literal["pending", "in_progress", "succeeded", "errored", "cancelled", "expired"]
+    line: ResultLineObject | None = None
+
+
 class ListPage(WireModel, Generic[T]):
     object: Literal["list"] = "list"
     data: list[T]

@@ -24,6 +24,7 @@ from shared.store_forward import ForwardStore
 from shared.store_ops import OpsStore
 from shared.store_sched import SchedulerStore
 from shared.store_idem import IdempotencyStore
+from shared.store_results import ResultsStore
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class Page:
         return cls(ids[:limit], len(ids) > limit)
 
 
-class Store(ExecutionStore, OpsStore, SchedulerStore, IdempotencyStore, ForwardStore):
+class Store(ExecutionStore, OpsStore, SchedulerStore, IdempotencyStore, ForwardStore, ResultsStore):
     def __init__(self, client: redis.Redis) -> None:
         self.r = client
         self._apply_move = client.register_script(lua.APPLY_MOVE)

@@ -267,7 +267,8 @@ def test_metadata_and_result_paths():
 
 def test_help_of_every_command_has_an_example_and_no_type_for_flags():
     batchgate = str(Path(sys.executable).parent / "batchgate")
-    commands = [[]] + [[name] for name in ("dev", "submit", "status", "list", "cancel", "download", "retry")]
+    commands = [[]] + [[name] for name in ("dev", "submit", "status", "list", "cancel", "download", "retry",
+                                                      "results")]
     env = {**os.environ, "COLUMNS": "100"}
     for command in commands:
         shown = subprocess.run([batchgate, *command, "--help"], capture_output=True, text=True, env=env, check=True)

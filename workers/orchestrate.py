@@ -131,6 +131,8 @@ def orchestrate(rt: Runtime, batch_id: str, start_other: Callable[[str], None] =
     if scan.errors:
         _fail(rt, record, scan.errors)
         return []
+    # GET /v1/batches/{id}/requests/{custom_id} finds a request by its place (shared/results.py).
+    store.save_custom_ids(batch_id, scan.custom_ids)
 
     provider = rt.providers.get(record.state.provider or "") or rt.providers.for_tenant_model(spec.tenant, scan.model)
     if provider is None:

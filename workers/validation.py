@@ -45,6 +45,7 @@ class ScanResult:
     starts: array = field(default_factory=lambda: array("q"))  # byte offset of each request line
     ends: array = field(default_factory=lambda: array("q"))
     line_numbers: array = field(default_factory=lambda: array("q"))
+    custom_ids: list[str] = field(default_factory=list)  # of each request line, in order (the per-request index)
 
     @property
     def total(self) -> int:
@@ -135,6 +136,7 @@ def check_line(raw: bytes, line_no: int, endpoint: str, result: ScanResult, seen
             line_no,
             "body.model",
         )
+    result.custom_ids.append(line.custom_id)
     return None
 
 

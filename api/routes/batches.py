@@ -8,11 +8,12 @@ from starlette.responses import Response, StreamingResponse
 
 from api.idempotency import OPENAPI_HEADER, respond_once
 from api.deps import BatchReaderDep, BlobsDep, PrincipalDep, ProvidersDep, SettingsDep, StoreDep
-from shared import batch_service, file_service, progress, retry_service
+from shared import batch_service, file_service, progress, results, retry_service
 from shared.errors import InvalidRequest, NotFound
 from shared.providers import ProviderRegistry
 from shared.queue import enqueue_forward, enqueue_orchestrate
-from shared.schemas import Batch, BatchCreateRequest, BatchProgress, BatchRetryRequest, ListPage
+from shared.schemas import (Batch, BatchCreateRequest, BatchProgress, BatchRetryRequest, ListPage, RequestStatus,
+                            ResultsPage)
 from shared.scope import Principal
 from shared.settings import Settings
 from shared.store import Store
@@ -164,3 +165,22 @@ def batch_output(batch_id: str, principal: PrincipalDep, store: StoreDep, blobs:
     record, stream = file_service.file_content(store, blobs, principal.scope, batch.output_file_id)
     return StreamingResponse(stream, media_type="application/octet-stream",
                              headers={"content-length": str(record.file.bytes)})
+
+
+# ---- results while a batch runs, and one request's status (batchgate extensions; shared/results.py) ---------------
+
+
+@router.get("/batches/{batch_id}/results", response_model=ResultsPage)
+def batch_results(batch_id: str, principal: PrincipalDep, store: StoreDep, blobs: BlobsDep, after: str | None = None,
+                  limit: int | None = None) -> Response:
+    """The lines finished so far, output and error lines in one stream; `after=<next_cursor>` continues."""
+    return Response(results.results_page(store, blobs, principal.scope, batch_id, after, limit),
+                    media_type="application/json")
+
+
+@router.get("/batches/{batch_id}/requests/{custom_id:path}", response_model=RequestStatus)
+def batch_request_status(batch_id: str, custom_id: str, principal: PrincipalDep, store: StoreDep,
+                         blobs: BlobsDep) -> Response:
+    """Where one request of the batch stands, with its result line once it has finished."""
+    return Response(results.request_status(store, blobs, principal.scope, batch_id, custom_id),
+                    media_type="application/json")
