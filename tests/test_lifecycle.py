@@ -258,6 +258,14 @@ def test_a_segment_whose_commit_reply_was_lost_keeps_exactly_its_lines(store, tm
     blob = rt.blobs.open(segment_key("batch_1", 0, "tok", segment.seq, "err")).read()
     assert [orjson.loads(line)["custom_id"] for line in blob.splitlines()] == ["r0"]
 
+    # The run ends without committing: line r1 is not durable, and a commit would have dropped it for good.
+    from workers.chunk import ChunkRun, end_chunk
+
+    run = ChunkRun(store.batch_record("batch_1"), 0, "tok", 0.0, 1, [], 0, [], writer, None, None)
+    assert end_chunk(rt, run, "node") is False
+    assert store.done_chunks("batch_1") == set()
+    assert store.acquire_lease("batch_1", 0, "next-run", 5)  # released for the next run
+
 
 # ---- forwarded batches (batch_api = native) ---------------------------------------------------------------------
 

@@ -342,6 +342,12 @@ def end_chunk(rt: Runtime, run: ChunkRun, node: str) -> bool:
     batch_id, index, token = run.record.id, run.index, run.token
     try:
         run.writer.flush()
+        if run.writer.rejected:
+            # A segment was refused (the lease was lost, or a recorded segment's reply was lost and its lines were
+            # offered again): the lines still pending are not durable, so committing now would drop them.
+            log.warning("%s chunk %d: a segment was refused; the next run carries on from the durable lines",
+                        batch_id, index)
+            return False
         segments = run.earlier + run.writer.segments
         usage = Usage()
         for segment in segments:
