@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import orjson
 import redis
 
 from shared import keys, lua
-from shared.store_client import client_options
+from shared.store_client import client_options, make_client
 from shared.lifecycle import QUEUED, BatchRecord, BatchSpec, Effects, Move
 from shared.schemas import Batch, FileObject
 from shared.store_exec import ExecutionStore
@@ -24,6 +24,9 @@ from shared.store_forward import ForwardStore
 from shared.store_ops import OpsStore
 from shared.store_sched import SchedulerStore
 from shared.store_idem import IdempotencyStore
+
+if TYPE_CHECKING:
+    from shared.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,12 @@ class Store(ExecutionStore, OpsStore, SchedulerStore, IdempotencyStore, ForwardS
     def from_url(cls, url: str, *, timeout_s: float | None = None, quick_retry: bool = False) -> "Store":
         """See shared/store_client.py for the options."""
         return cls(redis.Redis.from_url(url, **client_options(timeout_s, quick_retry)))
+
+    @classmethod
+    def from_settings(cls, settings: "Settings", *, timeout_s: float | None = None,
+                      quick_retry: bool = False) -> "Store":
+        """The deployment's Redis: `redis_url`, or the primary its Sentinels name (shared/store_client.py)."""
+        return cls(make_client(settings, timeout_s=timeout_s, quick_retry=quick_retry))
 
     def ping(self) -> bool:
         return bool(self.r.ping())
