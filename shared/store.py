@@ -16,7 +16,7 @@ import orjson
 import redis
 
 from shared import keys, lua
-from shared.store_client import client_options, make_client
+from shared.store_client import client_options, close_client, make_client
 from shared.lifecycle import QUEUED, BatchRecord, BatchSpec, Effects, Move
 from shared.schemas import Batch, FileObject
 from shared.store_exec import ExecutionStore
@@ -72,7 +72,7 @@ class Store(ExecutionStore, OpsStore, SchedulerStore, IdempotencyStore, ForwardS
         return bool(self.r.ping())
 
     def close(self) -> None:
-        self.r.close()
+        close_client(self.r)
 
     def next_seq(self) -> int:
         return int(self.r.incr(keys.SEQ))

@@ -64,6 +64,14 @@ def sentinel_kwargs(settings: "Settings") -> dict:
     return options
 
 
+def close_client(client: redis.Redis) -> None:
+    """Close a sync client of make_client's, and its connections to the Sentinels when it has some."""
+    manager = getattr(client.connection_pool, "sentinel_manager", None)
+    client.close()
+    if manager is not None:
+        manager.close()
+
+
 def make_client(settings: "Settings", *, timeout_s: float | None = None, quick_retry: bool = False,
                 asyncio: bool = False, max_connections: int | None = None, pool_timeout: float | None = None):
     """The one way batchgate's processes get a Redis client: `redis.Redis` (or its asyncio twin with `asyncio`) for

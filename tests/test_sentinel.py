@@ -15,6 +15,7 @@ from sentinel_stack import MASTER, SentinelCluster, SentinelStack
 from stack import assert_exactly_once, chat_lines, submit, wait_terminal
 
 from cli import stack as procs
+from shared import keys
 from shared.queue import producer_app
 from shared.settings import DEV_API_KEY, Settings
 from workers.celery_app import make_app
@@ -73,26 +74,29 @@ CHUNK_LINES = 50  # BATCHGATE_CHUNK_MIN_REQUESTS: 4 waves x 8 senders is fewer
 
 def test_failover_mid_batch_completes_exactly_once_and_the_api_never_answers_500(tmp_path):
     # 2 processes x 8 senders at 20 ms: about 4 s of upstream work, so the primary dies with the batch under way.
+    # A requests-per-minute limit far above that rate puts the workers' limiter store (asyncio, its own pool) on
+    # the Sentinels too, without slowing anything.
     stack = SentinelStack(tmp_path / "stack", sim_latency_ms=20, upstream_max_concurrency=SENDERS,
-                          max_batch_lines=LINES, max_batch_input_bytes=20_000_000)
+                          upstream_rpm=600_000, max_batch_lines=LINES, max_batch_input_bytes=20_000_000)
     try:
         stack.start(workers=1, concurrency=PROCESSES)
         client = stack.client(max_retries=5)
         batch = submit(client, chat_lines(LINES))
 
-        # Poll throughout with no SDK retries: the asyncio reader (batches.retrieve) and the sync store
-        # (files.retrieve), and count every answer by status code.
+        # Call throughout with no SDK retries: reads of the asyncio reader (batches.retrieve) and of the sync store
+        # (files.retrieve), and writes (files.create); count every answer by status code.
         answers: Counter = Counter()
         missing_retry_after: list[str] = []
         stop = threading.Event()
         poller = stack.client(max_retries=0, timeout=10)
 
         def poll() -> None:
-            calls = (lambda: poller.batches.retrieve(batch.id), lambda: poller.files.retrieve(batch.input_file_id))
+            calls = (lambda: poller.batches.retrieve(batch.id), lambda: poller.files.retrieve(batch.input_file_id),
+                     lambda: poller.files.create(file=("more.jsonl", chat_lines(2)), purpose="batch"))
             i = 0
             while not stop.is_set():
                 try:
-                    calls[i % 2]()
+                    calls[i % len(calls)]()
                     answers[200] += 1
                 except openai.APIStatusError as exc:
                     answers[exc.status_code] += 1
@@ -112,6 +116,8 @@ def test_failover_mid_batch_completes_exactly_once_and_the_api_never_answers_500
         time.sleep(0.3)
         before = client.batches.retrieve(batch.id)
         assert before.status == "in_progress" and before.request_counts.completed < LINES, before
+        rpm_key = keys.rate_limit("default") + ":rpm"
+        tat_before = int(stack.store.r.get(rpm_key))  # the limiter's schedule (µs), on the primary
         failover_s = stack.cluster.kill_primary_and_time_failover()
 
         final = wait_terminal(client, batch.id, timeout=180)
@@ -134,6 +140,7 @@ def test_failover_mid_batch_completes_exactly_once_and_the_api_never_answers_500
         worker_log = (stack.root / "logs" / "w1.log").read_text(errors="replace")
         assert f"{LINES} requests in {LINES // CHUNK_LINES} chunks of {CHUNK_LINES}" in worker_log
         assert stack.cluster.master_port() == stack.cluster.ports["redis-replica"]
+        assert int(stack.store.r.get(rpm_key)) > tat_before, "the limiter did not write to the new primary"
         for name in ("w1", "api", "beat"):
             assert stack.group.procs[name].poll() is None, f"{name} exited"
     finally:
