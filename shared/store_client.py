@@ -10,7 +10,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.asyncio.sentinel import SentinelConnectionPool as AsyncSentinelPool
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.retry import Retry as SyncRetry
 from redis.sentinel import Sentinel as SyncSentinel
 
@@ -56,9 +56,16 @@ class _BlockingSentinelPool(AsyncSentinelPool, aioredis.BlockingConnectionPool):
     are in use (as aioredis.BlockingConnectionPool does for a plain URL)."""
 
 
-def sentinel_kwargs(settings: "Settings") -> dict:
-    """How to reach the Sentinels themselves (redis-py's and Celery's `sentinel_kwargs`)."""
-    options: dict = {"socket_timeout": SENTINEL_TIMEOUT_S, "socket_connect_timeout": SENTINEL_TIMEOUT_S}
+def sentinel_kwargs(settings: "Settings", *, asyncio: bool = False) -> dict:
+    """How to reach the Sentinels themselves (redis-py's and Celery's `sentinel_kwargs`).
+
+    No retry: a Sentinel that is down or frozen is skipped for the next one at once. (redis-py's default retries a
+    connection error three times with a backoff of seconds, so one dead Sentinel first in the list cost every new
+    connection about 5 s, and a publish through kombu more than 10 s.)
+    """
+    retry_class = AsyncRetry if asyncio else SyncRetry
+    options: dict = {"socket_timeout": SENTINEL_TIMEOUT_S, "socket_connect_timeout": SENTINEL_TIMEOUT_S,
+                     "retry": retry_class(NoBackoff(), 0)}
     if settings.redis_sentinel_password is not None:
         options["password"] = settings.redis_sentinel_password.get_secret_value()
     return options
@@ -97,7 +104,8 @@ def make_client(settings: "Settings", *, timeout_s: float | None = None, quick_r
         return aioredis.Redis.from_url(settings.redis_url, **options)
     if settings.redis_password is not None:
         options["password"] = settings.redis_password.get_secret_value()
-    sentinel = (AsyncSentinel if asyncio else SyncSentinel)(addresses, sentinel_kwargs=sentinel_kwargs(settings))
+    sentinel = (AsyncSentinel if asyncio else SyncSentinel)(addresses,
+                                                            sentinel_kwargs=sentinel_kwargs(settings, asyncio=asyncio))
     if blocking:
         options["connection_pool_class"] = _BlockingSentinelPool
     client_class = aioredis.Redis if asyncio else redis.Redis
