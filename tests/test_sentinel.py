@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import openai
 import pytest
@@ -65,6 +66,20 @@ def test_bad_sentinel_addresses_are_refused():
             Settings(redis_sentinels=bad)
     assert Settings(redis_sentinels="").sentinel_addresses() == []
     assert Settings(redis_sentinels="[::1]:26379").sentinel_addresses() == [("::1", 26379)]
+
+
+def test_the_api_and_workers_build_redis_clients_only_from_settings():
+    """A client made from a URL would ignore the Sentinels: the API, the workers and beat make theirs with
+    `from_settings` (shared/store_client.make_client)."""
+    root = Path(__file__).resolve().parents[1]
+    offenders = [f"{path.relative_to(root)}:{n}" for package in ("api", "workers")
+                 for path in sorted((root / package).rglob("*.py"))
+                 for n, line in enumerate(path.read_text().splitlines(), 1)
+                 if ".from_url(" in line or "redis_url" in line]
+    assert offenders == []
+    stores = (root / "shared" / "store.py").read_text() + (root / "shared" / "store_async.py").read_text() + \
+        (root / "shared" / "store_ratelimit.py").read_text()
+    assert stores.count("make_client(settings") == 3
 
 
 LINES = 3000
