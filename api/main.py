@@ -56,9 +56,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     # Bounded waits, so a frozen Redis costs a request `redis_timeout_s`, then a 503 (api/errors.py).
-    app.state.store = Store.from_url(settings.redis_url, timeout_s=settings.redis_timeout_s, quick_retry=True)
-    app.state.batch_reader = AsyncBatchReader.from_url(settings.redis_url, timeout_s=settings.redis_timeout_s,
-                                                       quick_retry=True)
+    app.state.store = Store.from_settings(settings, timeout_s=settings.redis_timeout_s, quick_retry=True)
+    app.state.batch_reader = AsyncBatchReader.from_settings(settings, timeout_s=settings.redis_timeout_s,
+                                                            quick_retry=True)
     app.state.blobs = make_blob_store(settings)
     app.state.keyring = KeyRing.from_settings(settings)
     app.state.providers = ProviderRegistry.from_settings(settings)

@@ -12,7 +12,7 @@ import typer
 from cli import client, stack
 from cli.console import LogTail
 from cli.supervisor import ChildKeepsDying, RestartPolicy, SupervisedGroup
-from shared.settings import DEV_API_KEY
+from shared.settings import DEV_API_KEY, Settings
 
 SIMULATOR_PORT = 8001
 
@@ -94,17 +94,26 @@ def dev(
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGINT even when started with it ignored
         signal.signal(signum, on_signal)
     try:
-        redis_url = os.environ.get("BATCHGATE_REDIS_URL")
-        if not redis_url:
-            redis_port = stack.free_port()
-            (data_dir / "redis").mkdir(exist_ok=True)
-            children.start("redis", stack.redis_command(redis_port, data_dir / "redis", appendonly=True))
-            redis_url = f"redis://127.0.0.1:{redis_port}/0"
-            typer.echo(f"started a private redis-server at {redis_url}")
-        children.wait_until(lambda: stack.redis_answers(redis_url), 10, f"Redis at {redis_url}")
+        env: dict[str, str] = {}
+        if os.environ.get("BATCHGATE_REDIS_SENTINELS"):
+            # Redis behind Sentinels: every child reads BATCHGATE_REDIS_SENTINELS and _MASTER (and the passwords)
+            # from the environment it inherits, and asks the Sentinels for the primary.
+            settings = Settings()
+            where = f"the primary {settings.redis_master!r} of the Sentinels {settings.redis_sentinels}"
+            typer.echo(f"Redis: {where}")
+            children.wait_until(lambda: stack.redis_answers(settings), 10, where)
+        else:
+            redis_url = os.environ.get("BATCHGATE_REDIS_URL")
+            if not redis_url:
+                redis_port = stack.free_port()
+                (data_dir / "redis").mkdir(exist_ok=True)
+                children.start("redis", stack.redis_command(redis_port, data_dir / "redis", appendonly=True))
+                redis_url = f"redis://127.0.0.1:{redis_port}/0"
+                typer.echo(f"started a private redis-server at {redis_url}")
+            children.wait_until(lambda: stack.redis_answers(redis_url), 10, f"Redis at {redis_url}")
+            env["BATCHGATE_REDIS_URL"] = redis_url
 
-        env = {
-            "BATCHGATE_REDIS_URL": redis_url,
+        env |= {
             "BATCHGATE_DATA_DIR": str(data_dir),
             "BATCHGATE_DEV_MODE": "1",
             "BATCHGATE_SWEEP_INTERVAL_S": os.environ.get("BATCHGATE_SWEEP_INTERVAL_S", "10"),

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shared.settings import Settings
 from shared.store import Store
 from shared.store_client import STORAGE_ERROR, STORAGE_UNAVAILABLE
 
@@ -97,8 +98,12 @@ def wait_for_redis(url: str, timeout: float = 10.0) -> None:
             time.sleep(0.05)
 
 
-def redis_answers(url: str) -> bool:
-    store = Store.from_url(url, timeout_s=1.0)
+def redis_answers(target: "str | Settings") -> bool:
+    """Whether the Redis at a URL, or the deployment's Redis as settings name it (through Sentinels too), answers."""
+    if isinstance(target, str):
+        store = Store.from_url(target, timeout_s=1.0)
+    else:
+        store = Store.from_settings(target, timeout_s=1.0)
     try:
         return store.ping()
     except STORAGE_ERROR:

@@ -54,8 +54,9 @@ def known_secrets(settings: Settings) -> list[str]:
     from shared.providers import ProviderRegistry
 
     own = [settings.upstream_api_key]
-    if settings.s3_secret_access_key is not None:
-        own.append(settings.s3_secret_access_key.get_secret_value())
+    for secret in (settings.s3_secret_access_key, settings.redis_password, settings.redis_sentinel_password):
+        if secret is not None:
+            own.append(secret.get_secret_value())
     try:
         registry = ProviderRegistry.from_settings(settings)
     except Exception:  # noqa: BLE001 - a broken providers file is reported elsewhere; log with what we have

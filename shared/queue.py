@@ -8,6 +8,7 @@ from functools import lru_cache
 from celery import Celery
 
 from shared.settings import Settings, get_settings
+from shared.store_client import sentinel_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,12 @@ _PUBLISH_RETRY = {"max_retries": 3, "interval_start": 0, "interval_step": 0.2, "
 
 
 def transport_options(settings: Settings) -> dict:
-    return {"visibility_timeout": settings.visibility_timeout_s}
+    """Broker and result backend alike. With Sentinels: the master's name, and how to reach the Sentinels."""
+    options: dict = {"visibility_timeout": settings.visibility_timeout_s}
+    if settings.sentinel_addresses():
+        options["master_name"] = settings.redis_master
+        options["sentinel_kwargs"] = sentinel_kwargs(settings)
+    return options
 
 
 @lru_cache

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from urllib.parse import quote
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -30,6 +31,19 @@ def parse_windows(text: str) -> dict[str, int]:
     return dict(sorted(windows.items(), key=lambda item: item[1]))
 
 
+def parse_sentinels(text: str) -> list[tuple[str, int]]:
+    """'h1:26379,h2:26379' -> [('h1', 26379), ('h2', 26379)]; '' -> []."""
+    addresses = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        host, _, port = item.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{item!r} is not a Sentinel address like sentinel-1:26379")
+        addresses.append((host.strip("[]"), int(port)))
+    return addresses
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BATCHGATE_", extra="ignore")
 
@@ -39,6 +53,16 @@ class Settings(BaseSettings):
                            "queues and results")
     broker_url: str | None = Field(default=None, description="Celery broker; defaults to redis_url")
     result_backend_url: str | None = Field(default=None, description="Celery results; defaults to redis_url")
+    redis_sentinels: str = Field(default="", description="comma-separated host:port of Redis Sentinels; set, they "
+                                 "replace redis_url: every client (API, workers, beat, Celery's broker and results) "
+                                 "asks them for the current primary of redis_master (database 0) and follows a "
+                                 "failover")
+    redis_master: str = Field(default="mymaster", description="the name the Sentinels monitor the primary under "
+                              "(with redis_sentinels)")
+    redis_password: SecretStr | None = Field(default=None, description="the password of the primary and its "
+                                             "replicas (with redis_sentinels; with redis_url it goes in the URL)")
+    redis_sentinel_password: SecretStr | None = Field(default=None, description="the Sentinels' own password "
+                                                      "(their requirepass), if they have one")
     data_dir: Path = Field(default=Path("./data"), description="root of the local blob store (uploads, result "
                            "parts, output files); every API and worker process must see the same directory")
     redis_timeout_s: float = Field(default=2.0, gt=0, description="the API's Redis connect and reply timeout: how "
@@ -174,11 +198,17 @@ class Settings(BaseSettings):
         "in-flight requests plus these")
 
     @field_validator("s3_endpoint_url", "s3_region", "s3_access_key_id", "s3_secret_access_key", "metrics_token",
-                     mode="before")
+                     "redis_password", "redis_sentinel_password", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # docker compose passes `${VAR:-}` through as an empty string.
         return None if value == "" else value
+
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinels_parse(cls, value: str) -> str:
+        parse_sentinels(value)
+        return value
 
     @field_validator("completion_windows")
     @classmethod
@@ -191,13 +221,28 @@ class Settings(BaseSettings):
         scale = self.completion_window_s / 86400
         return {name: max(1, round(seconds * scale)) for name, seconds in parse_windows(self.completion_windows).items()}
 
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        """The Sentinels to ask for the primary; empty: Redis is `redis_url`."""
+        return parse_sentinels(self.redis_sentinels)
+
+    def celery_redis_url(self) -> str:
+        """Celery's URL of the Redis in `redis_url`, or of the Sentinels (kombu's `sentinel://...;sentinel://...`,
+        the master's name and the Sentinels' password go in the transport options: shared/queue.py)."""
+        addresses = self.sentinel_addresses()
+        if not addresses:
+            return self.redis_url
+        auth = ""
+        if self.redis_password is not None:
+            auth = ":" + quote(self.redis_password.get_secret_value(), safe="") + "@"
+        return ";".join(f"sentinel://{auth}{host}:{port}/0" for host, port in addresses)
+
     @property
     def celery_broker_url(self) -> str:
-        return self.broker_url or self.redis_url
+        return self.broker_url or self.celery_redis_url()
 
     @property
     def celery_result_backend(self) -> str:
-        return self.result_backend_url or self.redis_url
+        return self.result_backend_url or self.celery_redis_url()
 
 
 @lru_cache

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import orjson
 import redis
 
 from shared import keys, lua
-from shared.store_client import client_options
+from shared.store_client import client_options, close_client, make_client
 from shared.lifecycle import QUEUED, RETRIED_BY_PREFIX, BatchRecord, BatchSpec, Effects, Move
 from shared.schemas import Batch, FileObject
 from shared.store_exec import ExecutionStore
@@ -25,6 +25,9 @@ from shared.store_ops import OpsStore
 from shared.store_sched import SchedulerStore
 from shared.store_idem import IdempotencyStore
 from shared.store_results import ResultsStore
+
+if TYPE_CHECKING:
+    from shared.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -60,11 +63,17 @@ class Store(ExecutionStore, OpsStore, SchedulerStore, IdempotencyStore, ForwardS
         """See shared/store_client.py for the options."""
         return cls(redis.Redis.from_url(url, **client_options(timeout_s, quick_retry)))
 
+    @classmethod
+    def from_settings(cls, settings: "Settings", *, timeout_s: float | None = None,
+                      quick_retry: bool = False) -> "Store":
+        """The deployment's Redis: `redis_url`, or the primary its Sentinels name (shared/store_client.py)."""
+        return cls(make_client(settings, timeout_s=timeout_s, quick_retry=quick_retry))
+
     def ping(self) -> bool:
         return bool(self.r.ping())
 
     def close(self) -> None:
-        self.r.close()
+        close_client(self.r)
 
     def next_seq(self) -> int:
         return int(self.r.incr(keys.SEQ))

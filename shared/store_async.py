@@ -9,7 +9,8 @@ import redis.asyncio as aioredis
 
 from shared.schemas import Batch
 from shared import keys
-from shared.store_client import client_options
+from shared.settings import Settings
+from shared.store_client import client_options, make_client
 from shared.store import Page, build_batches, decode_batch_reads, page_bound, queue_batch_reads, queue_position_reads
 
 
@@ -21,6 +22,12 @@ class AsyncBatchReader:
     def from_url(cls, url: str, *, timeout_s: float | None = None, quick_retry: bool = False) -> "AsyncBatchReader":
         """See shared/store_client.py for the options."""
         return cls(aioredis.Redis.from_url(url, **client_options(timeout_s, quick_retry, asyncio=True)))
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, timeout_s: float | None = None,
+                      quick_retry: bool = False) -> "AsyncBatchReader":
+        """The deployment's Redis: `redis_url`, or the primary its Sentinels name (shared/store_client.py)."""
+        return cls(make_client(settings, timeout_s=timeout_s, quick_retry=quick_retry, asyncio=True))
 
     async def get_batches(self, batch_ids: list[str], scope: str | None = None) -> list[Batch | None]:
         pipe = self.r.pipeline(transaction=False)

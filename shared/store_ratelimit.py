@@ -8,6 +8,8 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 
 from shared import keys, lua
+from shared.settings import Settings
+from shared.store_client import make_client
 
 POOL_CONNECTIONS = 32  # a worker process's connections for its limiters
 
@@ -69,6 +71,11 @@ class LimiterStore:
         # A blocking pool: more senders than connections wait for one (a plain pool raises past 100 at once).
         pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=POOL_CONNECTIONS, timeout=30)
         return cls(aioredis.Redis(connection_pool=pool))
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "LimiterStore":
+        """The deployment's Redis (`redis_url`, or the primary its Sentinels name), with the same blocking pool."""
+        return cls(make_client(settings, asyncio=True, max_connections=POOL_CONNECTIONS, pool_timeout=30))
 
     @staticmethod
     def _keys(provider: str) -> tuple[str, str, str, str]:

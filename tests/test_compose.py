@@ -52,8 +52,9 @@ def test_services_and_reliability_settings():
 def test_every_command_resolves_to_the_project(name):
     service = SERVICES[name]
     command = service.get("command")
-    if name == "redis":
-        assert command[0] == "redis-server"
+    if not service.get("build"):  # Redis's own image: the primary, the replica and the Sentinels
+        assert service["image"].startswith("redis:")
+        assert command[0] == "redis-server" or "exec redis-server " in command[-1], name
         return
     program, args = command[0], command[1:]
     scripts = PYPROJECT["project"]["scripts"]
@@ -78,6 +79,38 @@ def test_every_command_resolves_to_the_project(name):
     else:
         assert program in scripts, f"{program} is not a console script of the project"
         assert callable(_resolve(scripts[program]))
+
+
+def test_the_sentinel_profile():
+    """Profile `sentinel`: a replica of `redis` kept like it, three Sentinels (quorum 2) watching the primary under
+    the name the app is given, and the app switched to them by one variable (README: Redis Sentinel)."""
+    app_env = COMPOSE["x-app"]["environment"]
+    master = app_env["BATCHGATE_REDIS_MASTER"]
+    assert app_env["BATCHGATE_REDIS_SENTINELS"] == "${BATCHGATE_REDIS_SENTINELS:-}"
+    assert Settings(redis_sentinels="").sentinel_addresses() == []  # unset: the app keeps BATCHGATE_REDIS_URL
+    replica = SERVICES["redis-replica"]
+    assert replica["profiles"] == ["sentinel"]
+    replica_cmd = " ".join(replica["command"])
+    assert "--replicaof redis 6379" in replica_cmd
+    for flag in ("--appendonly yes", "--appendfsync everysec", "--maxmemory-policy noeviction"):
+        assert flag in replica_cmd
+    sentinels = sorted(name for name in SERVICES if name.startswith("sentinel-"))
+    assert sentinels == ["sentinel-1", "sentinel-2", "sentinel-3"]
+    for name in sentinels:
+        service = SERVICES[name]
+        assert service["profiles"] == ["sentinel"]
+        script = service["command"][-1]
+        assert f"'sentinel monitor {master} redis 6379 2'" in script
+        assert script.rstrip().endswith("--sentinel")
+    # What the README tells to put in .env names exactly these Sentinels.
+    readme = (ROOT / "README.md").read_text()
+    line = re.search(r"BATCHGATE_REDIS_SENTINELS=(\S+)", readme).group(1)
+    assert Settings(redis_sentinels=line).sentinel_addresses() == [(name, 26379) for name in sentinels]
+    assert "COMPOSE_PROFILES=sentinel" in readme
+    # No app service waits for a service of the profile: without it, compose would refuse to start them.
+    for service in SERVICES.values():
+        if service.get("build"):
+            assert not set(service.get("depends_on") or {}) & {"redis-replica", *sentinels}
 
 
 def _env_names(service: dict) -> set[str]:

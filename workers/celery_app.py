@@ -151,6 +151,6 @@ def _stop_taking_chunks(sender: object = None, **_: object) -> None:
     from shared.store import Store
 
     try:
-        Store.from_url(get_settings().redis_url, timeout_s=2).mark_stopping(str(sender), 600)
+        Store.from_settings(get_settings(), timeout_s=2).mark_stopping(str(sender), 600)
     except Exception:  # noqa: BLE001 - without Redis the runners stop at their budget instead
         pass

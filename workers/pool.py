@@ -37,7 +37,7 @@ class PoolAnnouncer(bootsteps.StartStopStep):
             log.warning("could not announce the pool size", exc_info=True)
 
     def start(self, worker) -> None:
-        self.store = Store.from_url(get_settings().redis_url)
+        self.store = Store.from_settings(get_settings())
         try:
             self.store.clear_stopping(worker.hostname)  # a node of this name that stopped before is back
         except STORAGE_ERROR:

@@ -32,7 +32,7 @@ class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.pid = os.getpid()
         self.settings = settings
-        self.store = Store.from_url(settings.redis_url)
+        self.store = Store.from_settings(settings)
         self.blobs: BlobStore = make_blob_store(settings)
         self.providers: ProviderRegistry = get_registry()
         self.lifecycle = Lifecycle(self.store, cleanup_delay_s=settings.cleanup_delay_s,
@@ -72,7 +72,7 @@ class Runtime:
         limiter = self._limiters.get(provider.name)
         if limiter is None:
             if self._limiter_store is None:
-                self._limiter_store = LimiterStore.from_url(self.settings.redis_url)
+                self._limiter_store = LimiterStore.from_settings(self.settings)
             limiter = self._limiters[provider.name] = ProviderLimiter(self._limiter_store, provider)
         return limiter
 
