@@ -4,7 +4,7 @@ The lines of the old batch's error file are selected (all of them, or those whos
 `request_counts.errors_by_code`); their requests are copied byte for byte, in input order, from the old batch's input
 file into a new File object (purpose `batch`, named `<old id>-retry.jsonl`), and a new batch is made from it through
 the ordinary create (validation, scheduler) with the old one's endpoint, window, metadata, priority, output expiry,
-scope and, when it was named by header, provider. The new batch carries `retry_of`, the old one `retried_by`.
+scope and provider. The new batch carries `retry_of`, the old one `retried_by`.
 """
 
 from __future__ import annotations
@@ -209,7 +209,8 @@ def retry_batch(store: Store, blobs: BlobStore, settings: Settings, providers: P
                               "priority": spec.priority}
     if spec.output_ttl_s is not None:
         create["output_expires_after"] = {"anchor": "created_at", "seconds": spec.output_ttl_s}
-    provider = state.provider if state.pinned else None  # one chosen by the model is chosen again the same way
+    # The same provider as the old batch (one no longer configured is chosen again by the model).
+    provider = state.provider if state.provider in providers.providers else None
     try:
         provider = batch_service.check_provider(providers, principal.tenant, provider)
         native = provider is not None and providers.providers[provider].batch_api == "native"

@@ -146,6 +146,9 @@ def test_retry_sends_exactly_the_100_failed_lines_of_1000(stack):
     assert again.status == "completed" and again.request_counts.failed == 100  # the old batch is otherwise unchanged
     listed = {b.id: b for b in client.batches.list(limit=10)}
     assert listed[old.id].model_extra["retried_by"] == [new.id] and listed[new.id].model_extra["retry_of"] == old.id
+    # The provider the model chose for the old batch serves the retry too.
+    old_provider = dep.store.batch_record(old.id).state.provider
+    assert old_provider and dep.store.batch_record(new.id).state.provider == old_provider
 
 
 @pytest.mark.e2e
