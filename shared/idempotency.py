@@ -57,6 +57,16 @@ class InProgress(APIError):
                          code="idempotency_key_in_progress", headers={"retry-after": "1"})
 
 
+async def _keep_claim(store: Store, scope: str, key: str, fp: str, call: Callable[..., Awaitable]) -> None:
+    """Renew a claim while its request works, so a slow first request (a big upload to S3) keeps its key."""
+    while True:
+        await asyncio.sleep(PENDING_S / 3)
+        try:
+            await call(store.renew_idempotency, scope, key, fp, PENDING_S)
+        except Exception:  # noqa: BLE001 - a Redis blip: the claim may lapse, and the answer is still kept at the end
+            pass
+
+
 async def once(store: Store, scope: str, key: str, fp: str, produce: Callable[[], Awaitable[Answer]], *,
                ttl_s: float, wait_s: float, call: Callable[..., Awaitable]) -> Answer:
     """Run `produce` once for (scope, key); `call(fn, *args)` runs a blocking store call off the event loop."""
@@ -64,6 +74,7 @@ async def once(store: Store, scope: str, key: str, fp: str, produce: Callable[[]
     while True:
         kept = await call(store.claim_idempotency, scope, key, fp, PENDING_S)
         if kept is None:
+            keep_alive = asyncio.create_task(_keep_claim(store, scope, key, fp, call))
             try:
                 answer = await produce()
             except APIError as error:
@@ -76,6 +87,8 @@ async def once(store: Store, scope: str, key: str, fp: str, produce: Callable[[]
             except BaseException:
                 await call(store.release_idempotency, scope, key, fp)
                 raise
+            finally:
+                keep_alive.cancel()
             await call(store.finish_idempotency, scope, key, fp, answer.status, answer.body, ttl_s)
             return answer
         if kept.fingerprint != fp:

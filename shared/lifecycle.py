@@ -50,7 +50,7 @@ class Move:
 MOVES: dict[str, Move] = {m.verb: m for m in (
     Move("queue", (VALIDATING,), QUEUED, "queued_at", "planned; over the tenant's enqueued requests"),
     Move("start", (VALIDATING, QUEUED), IN_PROGRESS, "in_progress_at", "input valid, chunks planned, admitted"),
-    Move("fail", (VALIDATING,), FAILED, "failed_at", "input invalid, or larger than the tenant's cap"),
+    Move("fail", (VALIDATING, QUEUED), FAILED, "failed_at", "input invalid, or larger than the tenant's cap"),
     Move("cancel", (VALIDATING, QUEUED, IN_PROGRESS), CANCELLING, "cancelling_at", "cancel requested"),
     Move("finalize", (IN_PROGRESS,), FINALIZING, "finalizing_at", "every chunk committed"),
     Move("complete", (FINALIZING,), COMPLETED, "completed_at", "files written"),

@@ -285,8 +285,11 @@ for _ = 1, 32 do
     end
   end
   if best == nil then
-    redis.call('ZREM', KEYS[1], tenant)
-    redis.call('HSET', KEYS[2], 'vt:' .. tenant, vt)
+    -- Every candidate looked at was dead (and is gone now); the tenant leaves only when no batch of it is left.
+    if redis.call('ZCARD', tkey) == 0 then
+      redis.call('ZREM', KEYS[1], tenant)
+      redis.call('HSET', KEYS[2], 'vt:' .. tenant, vt)
+    end
   else
     local rec = ARGV[2] .. best
     local idx = redis.call('LPOP', rec .. ARGV[3])
@@ -362,12 +365,22 @@ local f = redis.call('HMGET', KEYS[1], 'state', 'fp', 'status', 'body')
 return {f[1] or '', f[2] or '', f[3] or '', f[4] or ''}
 """
 
-# Keep a claimed key's final answer. KEYS[1] the key's hash. ARGV: fingerprint, status, body, ttl ms.
+# Keep a claimed key's final answer (also when the claim lapsed meanwhile, unless another request holds the key).
+# KEYS[1] the key's hash. ARGV: fingerprint, status, body, ttl ms.
 FINISH_IDEMPOTENCY = """
-if redis.call('HGET', KEYS[1], 'fp') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'state', 'done', 'status', ARGV[2], 'body', ARGV[3])
+local fp = redis.call('HGET', KEYS[1], 'fp')
+if fp and fp ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'done', 'fp', ARGV[1], 'status', ARGV[2], 'body', ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return 1
+"""
+
+# Keep a pending claim alive while its request works. KEYS[1] the key's hash. ARGV: fingerprint, ttl ms.
+RENEW_IDEMPOTENCY = """
+if redis.call('HGET', KEYS[1], 'state') == 'pending' and redis.call('HGET', KEYS[1], 'fp') == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
 """
 
 # Give up a pending claim (the work failed with a 5xx: not kept, a retry does it again). KEYS[1], ARGV: fingerprint.

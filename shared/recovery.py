@@ -57,11 +57,12 @@ def recover_validating(record: BatchRecord, facts: ExecutionFacts | None, now: f
     return []
 
 
-def recover_queued(record: BatchRecord, now: float, t: Timing) -> list[Action]:
-    """Waiting for room under its tenant's cap: never started early, only when the line lets it in."""
+def recover_queued(record: BatchRecord, facts: ExecutionFacts | None, now: float, t: Timing) -> list[Action]:
+    """Waiting for room under its tenant's cap: never started early, only when the line lets it in. Past its window
+    its planned requests end as `batch_expired` lines, as a running batch's unsent ones do."""
     st = record.state
     if now >= record.spec.expires_at:
-        return [Action("expire")]
+        return _running(record, facts, now, t, st.stop) if facts is not None else [Action("expire")]
     if st.admitted:
         # Let in, but the run that did so died before starting it.
         if _since(now, st.updated_at, st.orchestrate_sent_at) > t.redrive_after_s:
@@ -136,7 +137,7 @@ def recover(record: BatchRecord, facts: ExecutionFacts | None, now: float, t: Ti
     if status == VALIDATING:
         return recover_validating(record, facts, now, t)
     if status == QUEUED:
-        return recover_queued(record, now, t)
+        return recover_queued(record, facts, now, t)
     if status == CANCELLING:
         return recover_cancelling(record, facts, now, t)
     if facts is None:

@@ -24,6 +24,7 @@ class IdempotencyStore:
         self._claim_idem = client.register_script(lua.CLAIM_IDEMPOTENCY)
         self._finish_idem = client.register_script(lua.FINISH_IDEMPOTENCY)
         self._release_idem = client.register_script(lua.RELEASE_IDEMPOTENCY)
+        self._renew_idem = client.register_script(lua.RENEW_IDEMPOTENCY)
 
     def claim_idempotency(self, scope: str, key: str, fingerprint: str, pending_s: float) -> KeptAnswer | None:
         """None when this request claimed the key (it does the work); else what the key holds."""
@@ -36,6 +37,9 @@ class IdempotencyStore:
     def finish_idempotency(self, scope: str, key: str, fingerprint: str, status: int, body: bytes,
                            ttl_s: float) -> None:
         self._finish_idem(keys=[keys.idempotency(scope, key)], args=[fingerprint, status, body, int(ttl_s * 1000)])
+
+    def renew_idempotency(self, scope: str, key: str, fingerprint: str, pending_s: float) -> None:
+        self._renew_idem(keys=[keys.idempotency(scope, key)], args=[fingerprint, int(pending_s * 1000)])
 
     def release_idempotency(self, scope: str, key: str, fingerprint: str) -> None:
         self._release_idem(keys=[keys.idempotency(scope, key)], args=[fingerprint])

@@ -168,3 +168,34 @@ def test_a_queued_batch_has_its_own_recovery_rule(store):
     store.r.hset(keys.batch("w"), "admitted", "100")
     assert recover(store.batch_record("w"), None, NOW + 1, t) == []  # just let in: its orchestrate is on the way
     assert [a.kind for a in recover(store.batch_record("w"), None, NOW + 10, t)] == ["start"]
+
+
+def test_a_tenant_keeps_its_place_when_its_first_candidates_are_all_dead(store):
+    # More ended batches, their chunks still on their ready lists (closed by the sweeper), than a take looks at.
+    for i in range(70):
+        add_batch(store, f"dead{i:02d}", "t", chunks=2)
+        store.r.hset(keys.batch(f"dead{i:02d}"), "status", "cancelled")
+    add_batch(store, "live", "t", chunks=2)
+    assert [b for b, _ in take_all(store)] == ["live", "live"]
+
+
+def test_a_queued_batch_past_its_window_ends_with_its_lines_expired(store):
+    from shared.store_exec import ExecutionFacts
+
+    add_batch(store, "w", "t", chunks=2, status="queued", release=False)
+    facts = ExecutionFacts(set(), set(), set(), {}, False, frozenset())
+    record = store.batch_record("w")
+    actions = [(a.kind, a.chunks, a.reason) for a in recover(record, facts, NOW + DAY + 1, Timing(redrive_after_s=3))]
+    assert actions == [("stop", (), "expired"), ("close_chunks", (0, 1), "expired")]
+
+
+def test_an_idempotency_answer_is_kept_even_when_its_claim_lapsed(store):
+    assert store.claim_idempotency("s", "k", "fp1", 60) is None
+    store.r.delete(keys.idempotency("s", "k"))  # the claim lapsed while the first request worked
+    store.finish_idempotency("s", "k", "fp1", 200, b'{"id": "x"}', 3600)
+    kept = store.claim_idempotency("s", "k", "fp1", 60)
+    assert (kept.state, kept.status, kept.body) == ("done", 200, b'{"id": "x"}')
+    # Another request that claimed the key after the lapse keeps it: the late answer does not overwrite it.
+    assert store.claim_idempotency("s", "k2", "fp2", 60) is None
+    store.finish_idempotency("s", "k2", "fp1", 200, b"late", 3600)
+    assert store.claim_idempotency("s", "k2", "fp2", 60).state == "pending"

@@ -371,10 +371,12 @@ async def run_chunk_async(rt: Runtime, batch_id: str, index: int, node: str = ""
                           on_drained: Callable[[], None] = lambda: None) -> bool:
     """Run chunk `index` inside the process's event loop, beside other chunks. True when it completed the batch.
 
-    `on_drained` is called as soon as every request of the chunk is in a sender's hands (or there is none).
+    `on_drained` is called as soon as every request of the chunk is in a sender's hands (or there is none). Its
+    start (reading its input) and end (its last segment, its commit) run in a thread, so a slow blob store does not
+    stall the senders of the other chunks the process runs meanwhile.
     """
     try:
-        run = begin_chunk(rt, batch_id, index)
+        run = await asyncio.to_thread(begin_chunk, rt, batch_id, index)
     except BaseException:
         on_drained()
         raise
@@ -390,7 +392,7 @@ async def run_chunk_async(rt: Runtime, batch_id: str, index: int, node: str = ""
     except BaseException:
         rt.store.release_lease(batch_id, index, run.token)
         raise
-    return end_chunk(rt, run, node)
+    return await asyncio.to_thread(end_chunk, rt, run, node)
 
 
 def run_chunk(rt: Runtime, batch_id: str, index: int, node: str = "", close: str | None = None) -> bool:

@@ -31,6 +31,18 @@ def _fail(rt: Runtime, record: BatchRecord, errors: list[LineError]) -> None:
     rt.lifecycle.fail(record, time.time(), [e.as_dict() for e in errors])
 
 
+def fail_if_over_cap(rt: Runtime, record: BatchRecord, total: int, cap: int) -> bool:
+    """A batch bigger than its tenant's whole cap can never start: it fails (also once it waits in line, when the
+    cap was lowered meanwhile, so it does not hold up the line behind it)."""
+    if total <= cap:
+        return False
+    _fail(rt, record, [LineError(
+        "token_limit_exceeded",
+        f"This batch has {total:,} requests, more than the {cap:,} this API key may have enqueued at once "
+        "(max_enqueued_requests). Split it into smaller batches.")])
+    return True
+
+
 def admit(rt: Runtime, record: BatchRecord, total: int, now: float, start_other: Callable[[str], None]) -> bool:
     """Whether a planned batch may start: its tenant has no max_enqueued_requests, or room under it. Otherwise it
     waits in line (`queued`), or fails at once when it alone is over the cap. Batches the line lets in before it
@@ -39,11 +51,7 @@ def admit(rt: Runtime, record: BatchRecord, total: int, now: float, start_other:
     cap = rt.providers.max_enqueued_requests(tenant)
     if cap is None or record.state.admitted:
         return True
-    if total > cap:
-        _fail(rt, record, [LineError(
-            "token_limit_exceeded",
-            f"This batch has {total:,} requests, more than the {cap:,} this API key may have enqueued at once "
-            "(max_enqueued_requests). Split it into smaller batches.")])
+    if fail_if_over_cap(rt, record, total, cap):
         return False
     admitted = rt.store.admit(tenant, cap, record.id, place=now)
     for other in admitted:

@@ -17,7 +17,7 @@ from shared.file_service import expire_files
 from shared.lifecycle import USAGE_CEILING, BatchRecord, Ending
 from shared.queue import CHUNKS_QUEUE
 from shared.recovery import Action, Timing, recover
-from workers import chunk, webhooks
+from workers import chunk, orchestrate, webhooks
 from workers.runtime import Runtime
 
 log = logging.getLogger("batchgate.sweeper")
@@ -111,6 +111,9 @@ def _carry_out(rt: Runtime, record, action: Action, now: float, dispatch: Dispat
         store.mark_sent(batch_id, "orchestrate", now)
         dispatch.orchestrate(batch_id)
     elif action.kind == "admit":
+        cap = rt.providers.max_enqueued_requests(record.spec.tenant)
+        if cap is not None and orchestrate.fail_if_over_cap(rt, record, record.state.total, cap):
+            return
         for batch_id in admit_waiting(rt, record):
             store.mark_sent(batch_id, "orchestrate", now)
             dispatch.orchestrate(batch_id)
