@@ -290,6 +290,16 @@ def print_validation_errors(batch: Batch) -> None:
 # ---- commands -----------------------------------------------------------------------------------------------------
 
 
+def wait_or_exit(client: openai.OpenAI, batch: Batch, more: str = "") -> Batch:
+    """Follow the batch to its end; Ctrl-C stops following (the batch keeps running) with exit code 130."""
+    try:
+        return wait_for(client, batch)
+    except KeyboardInterrupt:
+        err_console.print(f"Stopped waiting; batch {batch.id} keeps running. "
+                          f"Check it with `batchgate status {batch.id}`{more}.")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
 @reports_errors
 def submit(
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True, help="A JSONL file of requests.")],
@@ -330,13 +340,7 @@ def submit(
     console.print(batch.id)
     if not wait:
         return
-    try:
-        batch = wait_for(client, batch)
-    except KeyboardInterrupt:
-        err_console.print(f"Stopped waiting; batch {batch.id} keeps running. "
-                          f"Check it with `batchgate status {batch.id}`, "
-                          f"fetch its results with `batchgate download {batch.id}`.")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+    batch = wait_or_exit(client, batch, f", fetch its results with `batchgate download {batch.id}`")
     saved = save_results(client, batch, file.parent, file.stem)
     print_summary(batch, saved)
     raise typer.Exit(exit_code(batch.status, counts_of(batch)[1]))
@@ -456,12 +460,7 @@ def retry(
     console.print(batch.id)
     if not wait:
         return
-    try:
-        batch = wait_for(client, batch)
-    except KeyboardInterrupt:
-        err_console.print(f"Stopped waiting; batch {batch.id} keeps running. "
-                          f"Check it with `batchgate status {batch.id}`.")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+    batch = wait_or_exit(client, batch)
     print_summary(batch, [])
     if batch.output_file_id or batch.error_file_id:
         console.print(f"  fetch its results with `batchgate download {batch.id}`")
