@@ -167,8 +167,6 @@ class BatchState:
     stop: str | None = None  # "cancelled" or "expired": the chunks must stop sending
     completed: int | None = None  # final counts, once terminal
     failed: int | None = None
-    cancelled: int = 0  # of the failed: lines never sent, ended by batch_cancelled / batch_expired
-    expired: int = 0
     errors_by_code: dict[str, int] | None = None  # final, once terminal
     usage: dict | None = None
     errors: dict | None = None
@@ -247,7 +245,6 @@ class BatchRecord:
             provider=f.get("provider") or None, pinned=f.get("provider_pinned") == "1", model=f.get("model") or None, total=int(f.get("total") or 0),
             n_chunks=_int(f.get("n_chunks")), stop=f.get("stop") or None,
             completed=_int(f.get("completed")), failed=_int(f.get("failed")), usage=_json(f.get("usage")),
-            cancelled=_int(f.get("cancelled")) or 0, expired=_int(f.get("expired")) or 0,
             errors_by_code=_json(f.get("errors_by_code")),
             errors=_json(f.get("errors")), output_file_id=f.get("output_file_id") or None,
             error_file_id=f.get("error_file_id") or None, dispatched_at=_float(f.get("dispatched_at")),
@@ -270,8 +267,8 @@ class BatchRecord:
         completed = st.completed if st.completed is not None else live_completed
         failed = st.failed if st.failed is not None else live_failed
         codes = st.errors_by_code if st.errors_by_code is not None else (live_codes or {})
-        cancelled = st.cancelled if st.terminal else codes.get("batch_cancelled", 0)
-        expired = st.expired if st.terminal else codes.get("batch_expired", 0)
+        # Of the failed, the lines never sent: the batch was cancelled, or its window ran out.
+        cancelled, expired = codes.get("batch_cancelled", 0), codes.get("batch_expired", 0)
         data: dict[str, Any] = {
             "id": s.id, "endpoint": s.endpoint, "model": st.model, "errors": st.errors,
             "input_file_id": s.input_file_id, "completion_window": s.completion_window,
@@ -308,8 +305,6 @@ class Ending:
     output_file_id: str | None = None
     error_file_id: str | None = None
     errors: list[dict] | None = None
-    cancelled: int = 0  # of the failed: never sent (batch_cancelled), or cut off by the window (batch_expired)
-    expired: int = 0
     codes: dict[str, int] | None = None  # the error file's lines by code
     # The usage's cost in millionths of `currency` (the model's [prices] entry; Lifecycle.end fills it), or None
     # when the model has no price.
@@ -318,7 +313,6 @@ class Ending:
 
     def fields(self) -> dict[str, str]:
         out = {"completed": str(self.completed), "failed": str(self.failed)}
-        out |= {name: str(n) for name, n in (("cancelled", self.cancelled), ("expired", self.expired)) if n}
         if self.codes is not None:
             out["errors_by_code"] = orjson.dumps(self.codes).decode()
         if any(self.usage):

@@ -43,8 +43,8 @@ class ChunkSpec:
 
 @dataclass(frozen=True)
 class Segment:
-    """Result lines made durable together: `out` output lines and `err` error lines, at chunk positions `pos`; of
-    the error lines, `cancelled` and `expired` were never sent (batch_cancelled, batch_expired)."""
+    """Result lines made durable together: `out` output lines and `err` error lines, at chunk positions `pos`, with
+    the error lines counted by code (`ResultLine.code`)."""
 
     run: str
     seq: int
@@ -52,13 +52,10 @@ class Segment:
     err: int
     usage: list[int]
     pos: list[int]
-    cancelled: int = 0
-    expired: int = 0
     codes: dict[str, int] = field(default_factory=dict)  # the error lines' codes, counted
 
     def as_dict(self) -> dict:
         d = {"run": self.run, "seq": self.seq, "out": self.out, "err": self.err, "usage": self.usage, "pos": self.pos}
-        d |= {k: v for k, v in (("cancelled", self.cancelled), ("expired", self.expired)) if v}
         return d | ({"codes": self.codes} if self.codes else {})
 
     def encode(self) -> str:
@@ -66,8 +63,7 @@ class Segment:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Segment":
-        return cls(d["run"], d["seq"], d["out"], d["err"], d["usage"], d["pos"], d.get("cancelled", 0),
-                   d.get("expired", 0), d.get("codes") or {})
+        return cls(d["run"], d["seq"], d["out"], d["err"], d["usage"], d["pos"], d.get("codes") or {})
 
     @classmethod
     def decode(cls, raw: str) -> "Segment":

@@ -126,7 +126,6 @@ class SegmentWriter:
         if err:
             self.rt.blobs.put(segment_key(self.batch_id, self.index, run, seq, "err"), b"\n".join(err) + b"\n")
         segment = Segment(run, seq, len(out), len(err), self.usage.as_list(), [pos for pos, _, _ in self.pending],
-                          self.codes[STOP_ERRORS["cancelled"][0]], self.codes[STOP_ERRORS["expired"][0]],
                           {code: n for code, n in self.codes.items() if code is not None})
         try:
             self.rt.store.commit_segment(self.batch_id, self.index, self.token, segment, self.rt.settings.chunk_lease_s)

@@ -45,8 +45,6 @@ class Assembly:
     err: list[str] = field(default_factory=list)
     completed: int = 0
     failed: int = 0
-    cancelled: int = 0  # of the failed: never sent, the batch was cancelled or expired
-    expired: int = 0
     codes: Counter = field(default_factory=Counter)  # the error lines by code
     usage: Usage = field(default_factory=Usage)
 
@@ -75,8 +73,6 @@ def _assemble(rt: Runtime, record: BatchRecord, commits: dict[int, ChunkCommit],
                 (a.out if kind == "out" else a.err).append(key)
             a.completed += seg.out
             a.failed += seg.err
-            a.cancelled += seg.cancelled
-            a.expired += seg.expired
             a.codes.update(seg.codes)
             a.usage.merge(seg.usage)
         if lost:
@@ -155,8 +151,7 @@ def finalize(rt: Runtime, batch_id: str) -> str | None:
             log.error("batch %s: results and input lost from storage; failed", batch_id)
             return "failed"
         ending = Ending(completed=a.completed, failed=a.failed, usage=a.usage.as_list(),
-                        output_file_id=output_file_id, error_file_id=error_file_id, cancelled=a.cancelled,
-                        expired=a.expired, codes=dict(a.codes))
+                        output_file_id=output_file_id, error_file_id=error_file_id, codes=dict(a.codes))
         outcome = rt.lifecycle.end(record, verb, time.time(), ending)
         if not outcome.moved:
             return None

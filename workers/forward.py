@@ -177,12 +177,13 @@ class Collected:
     """The local output and error files made from the provider's, with their counts."""
 
     completed: int = 0
-    failed: int = 0
-    cancelled: int = 0
-    expired: int = 0
     codes: Counter = field(default_factory=Counter)  # the error lines by code
     usage: Usage = field(default_factory=Usage)
     dropped: int = 0  # provider lines for no input line, or for one already written
+
+    @property
+    def failed(self) -> int:
+        return sum(self.codes.values())
 
 
 def _step_token() -> str:
@@ -374,7 +375,7 @@ class Forwarder:
         error_file_id = register_file(self.rt, record, "error", [error_key] if got.failed else [], stamp, self.renew)
         ending = Ending(completed=got.completed, failed=got.failed, usage=got.usage.as_list(),
                         output_file_id=output_file_id, error_file_id=error_file_id, codes=dict(got.codes),
-                        cancelled=got.cancelled, expired=got.expired, errors=remote_errors if verb == "fail_remote" else None)
+                        errors=remote_errors if verb == "fail_remote" else None)
         if verb == "fail_remote" and not ending.errors:
             ending = replace(ending, errors=[{"code": "provider_batch_failed", "param": None, "line": None,
                                               "message": f"The provider '{self.provider.name}' failed the batch."}])
@@ -443,12 +444,7 @@ class Forwarder:
 
     @staticmethod
     def _count_failed(got: Collected, code: str | None) -> None:
-        got.failed += 1
         got.codes[code or "unknown"] += 1
-        if code == "batch_cancelled":
-            got.cancelled += 1
-        elif code == "batch_expired":
-            got.expired += 1
 
 
 def _errors(remote: dict) -> list[dict] | None:
