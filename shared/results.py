@@ -40,6 +40,7 @@ import msgspec
 import orjson
 
 from shared import batch_service
+from shared.blob_keys import segment_key
 from shared.blobs import BlobNotFound, BlobStore, iter_blob
 from shared.errors import NotFound, invalid_parameter
 from shared.lifecycle import CANCELLING, FINALIZING, IN_PROGRESS, BatchRecord
@@ -67,11 +68,6 @@ class _Outcome(msgspec.Struct):
 
 _head = msgspec.json.Decoder(_Head)
 _outcome = msgspec.json.Decoder(_Outcome)
-
-
-def segment_blob_key(batch_id: str, index: int, run: str, seq: int, kind: str) -> str:
-    """Where a chunk run wrote a segment's lines: workers/chunk.py segment_key (a test keeps the two equal)."""
-    return f"batches/{batch_id}/parts/{index:05d}-{run}-{seq:05d}.{kind}.jsonl"
 
 
 def custom_id_of(raw: bytes) -> str | None:
@@ -134,8 +130,8 @@ def _blob_lines(blobs: BlobStore, key: str) -> list[bytes]:
 def _segment_lines(blobs: BlobStore, batch_id: str, index: int, seg: Segment) -> list[tuple[str, bytes]] | None:
     """A segment's lines, output then error; None when its blobs are not (all) there."""
     try:
-        out = _blob_lines(blobs, segment_blob_key(batch_id, index, seg.run, seg.seq, "out")) if seg.out else []
-        err = _blob_lines(blobs, segment_blob_key(batch_id, index, seg.run, seg.seq, "err")) if seg.err else []
+        out = _blob_lines(blobs, segment_key(batch_id, index, seg.run, seg.seq, "out")) if seg.out else []
+        err = _blob_lines(blobs, segment_key(batch_id, index, seg.run, seg.seq, "err")) if seg.err else []
     except BlobNotFound:
         return None
     if len(out) != seg.out or len(err) != seg.err:

@@ -18,7 +18,7 @@ from shared.settings import Settings
 from shared.store import Store
 from shared.store_exec import ChunkCommit, ChunkSpec, ExecutionFacts, Segment
 from workers import finalize as finalize_mod
-from workers.chunk import batch_input_key, segment_key
+from shared.blob_keys import batch_input_key, segment_key
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
 

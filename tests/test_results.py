@@ -16,9 +16,8 @@ import openai
 import pytest
 from stack import OTHER_API_KEY, TERMINAL, Stack, assert_exactly_once, chat_lines, read_lines, submit, wait_terminal
 
-from shared import results
+from shared.blob_keys import segment_key
 from shared.results import Cursor
-from workers.chunk import segment_key
 
 pytestmark = pytest.mark.e2e
 
@@ -236,10 +235,6 @@ def read_running(client: openai.OpenAI, batch_id: str) -> int:
         if not got["has_more"]:
             return served
         after = got["next_cursor"]
-
-
-def test_the_segment_key_is_the_workers_own():
-    assert results.segment_blob_key("batch_x", 7, "run", 3, "err") == segment_key("batch_x", 7, "run", 3, "err")
 
 
 def test_cursors_round_trip_and_refuse_garbage():

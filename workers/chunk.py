@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from shared import lines as wire
+from shared.blob_keys import batch_input_key, segment_key
 from shared.blobs import BlobNotFound
 from shared.lifecycle import BatchRecord, Ending
 from shared.lines import InputLine, ResultLine
@@ -52,24 +53,6 @@ class LeaseHeld(Exception):
 
 class InputLost(Exception):
     """Neither the batch's copy of its input nor the uploaded file is in the blob store any more."""
-
-
-def batch_input_key(batch_id: str) -> str:
-    return f"batches/{batch_id}/input.jsonl"
-
-
-def batch_blob_prefix(batch_id: str) -> str:
-    """Every working blob of a batch (its input copy and result segments) is under this prefix."""
-    return f"batches/{batch_id}"
-
-
-def segment_key(batch_id: str, index: int, run: str, seq: int, kind: str) -> str:
-    return f"batches/{batch_id}/parts/{index:05d}-{run}-{seq:05d}.{kind}.jsonl"
-
-
-def part_key(batch_id: str, index: int, run: str, kind: str) -> str:
-    """Where versions before durable segments wrote a chunk run's lines (one part per run)."""
-    return f"batches/{batch_id}/parts/{index:05d}-{run}.{kind}.jsonl"
 
 
 def read_chunk_input(rt: Runtime, record: BatchRecord, spec: ChunkSpec) -> bytes:

@@ -24,7 +24,8 @@ from shared.lifecycle import CANCELLING, FINALIZING, MOVES, BatchRecord, Ending
 from shared.schemas import FileObject
 from shared.store import FileRecord
 from shared.store_exec import ChunkCommit
-from workers.chunk import InputLost, part_key, read_chunk_input, segment_key
+from shared.blob_keys import lost_lines_key, part_key, segment_key
+from workers.chunk import InputLost, read_chunk_input
 from workers.runtime import Runtime
 from workers.usage import Usage
 from workers.validation import iter_chunk_lines
@@ -89,7 +90,7 @@ def _write_lost(rt: Runtime, record: BatchRecord, index: int, positions: list[in
     data = read_chunk_input(rt, record, spec)
     lines = [wire.encode(wire.error_line(record.id, line_no, request.custom_id, *RESULT_LOST))
              for pos, (line_no, request) in enumerate(iter_chunk_lines(data, spec.first_line)) if pos in wanted]
-    key = f"batches/{record.id}/parts/{index:05d}-lost.err.jsonl"
+    key = lost_lines_key(record.id, index)
     rt.blobs.put(key, b"\n".join(lines) + b"\n")
     log.error("%s chunk %d: %d results lost from storage; written as result_lost", record.id, index, len(lines))
     return key

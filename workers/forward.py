@@ -49,7 +49,7 @@ from shared.lifecycle import (
     forward_ending,
 )
 from shared.providers import Provider
-from workers.chunk import batch_input_key
+from shared.blob_keys import batch_input_key, forwarded_key
 from workers.finalize import register_file
 from workers.runtime import Runtime
 from workers.upstream import parse_retry_after, scrubber_for, upstream_headers
@@ -404,8 +404,8 @@ class Forwarder:
         wanted = self.wanted()
         got = Collected()
         seen: set[str] = set()
-        output_key = f"batches/{self.id}/forward/output.jsonl"
-        error_key = f"batches/{self.id}/forward/error.jsonl"
+        output_key = forwarded_key(self.id, "output")
+        error_key = forwarded_key(self.id, "error")
         with self.rt.blobs.writer(output_key) as out, self.rt.blobs.writer(error_key) as err:
             for file_id in file_ids:
                 n = 0

@@ -17,7 +17,7 @@ from shared.blobs import BlobNotFound
 
 from shared.lifecycle import CANCELLING, IN_PROGRESS, QUEUED, VALIDATING, BatchRecord, Ending
 from shared.providers import Provider
-from workers.chunk import batch_input_key
+from shared.blob_keys import batch_input_key
 from workers.runtime import Runtime
 from workers.validation import LineError, chunk_size_for, plan_chunks, scan_input
 

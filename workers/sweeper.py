@@ -13,6 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
+from shared.blob_keys import batch_blob_prefix
 from shared.file_service import expire_files
 from shared.lifecycle import USAGE_CEILING, BatchRecord, Ending
 from shared.queue import CHUNKS_QUEUE
@@ -159,7 +160,7 @@ def clean_up(rt: Runtime, batch_id: str) -> None:
     if record is not None and not record.state.terminal:
         rt.store.cleanup_done(batch_id)  # restored from before its end: it is running again, keep its state
         return
-    rt.blobs.delete_prefix(chunk.batch_blob_prefix(batch_id))
+    rt.blobs.delete_prefix(batch_blob_prefix(batch_id))
     if record is not None:
         rt.store.delete_working_state(batch_id, record.state.n_chunks or 0)
     rt.store.cleanup_done(batch_id)
