@@ -18,7 +18,7 @@ from shared.file_service import expire_files
 from shared.lifecycle import USAGE_CEILING, BatchRecord, Ending
 from shared.queue import CHUNKS_QUEUE
 from shared.recovery import Action, Timing, recover
-from workers import chunk, orchestrate, webhooks
+from workers import chunk, orchestrate, runner, webhooks
 from workers.runtime import Runtime
 
 log = logging.getLogger("batchgate.sweeper")
@@ -39,7 +39,6 @@ class Repairs:
 @dataclass
 class Dispatch:
     orchestrate: Callable[[str], None]
-    chunk: Callable[[str, int], None]
     finalize: Callable[[str], None]
     webhook: Callable[[str], None] = lambda event_id: None
     tickets: Callable[[int], None] = lambda n: None
@@ -134,8 +133,9 @@ def _carry_out(rt: Runtime, record, action: Action, now: float, dispatch: Dispat
     elif action.kind == "redrive_chunks":
         for index in action.chunks:
             store.mark_redriven(batch_id, index, now)
-            dispatch.chunk(batch_id, index)
             repairs.chunks.append((batch_id, index))
+        runner.release(rt, record, list(action.chunks))
+        dispatch.tickets(runner.tickets_for(rt, len(action.chunks)))
     elif action.kind == "finalize":
         store.mark_sent(batch_id, "finalize", now)
         dispatch.finalize(batch_id)

@@ -28,15 +28,6 @@ def send_tickets(n: int) -> None:
         run_work_task.apply_async(queue=CHUNKS_QUEUE)
 
 
-def release_chunk(batch_id: str, index: int) -> None:
-    """Release a chunk whose run was lost to the scheduler again, and wake a process for it."""
-    rt = get_runtime()
-    record = rt.store.batch_record(batch_id)
-    if record is not None:
-        runner.release(rt, record, [index])
-        send_tickets(1)
-
-
 def send_finalize(batch_id: str) -> None:
     finalize_task.apply_async(args=[batch_id], queue=CONTROL_QUEUE)
 
@@ -138,7 +129,7 @@ def forward_task(batch_id: str, token: str | None = None) -> None:
 
 @app.task(name=SWEEP, ignore_result=True)
 def sweep_task() -> None:
-    sweeper.sweep(get_runtime(), sweeper.Dispatch(send_orchestrate, release_chunk, send_finalize, send_webhook,
+    sweeper.sweep(get_runtime(), sweeper.Dispatch(send_orchestrate, send_finalize, send_webhook,
                                                   send_tickets, send_forward))
 
 
