@@ -84,13 +84,17 @@ class SegmentWriter:
     finished: set[int] = field(default_factory=set)
     rejected: bool = False
     attempts: int = 0
-    codes: Counter = field(default_factory=Counter)  # error codes of the pending lines
+    codes: Counter = field(default_factory=Counter)  # error codes of the pending error lines
     tenant: str = ""  # the batch's tenant, for the per-tenant line counter
+    # The /metrics counters of lines made durable, sent with the run's other metrics (heartbeat, end of the run):
+    # lines by tenant and error lines by code, label sets bounded by the configured tenants and the error codes.
+    metrics: MetricsBuffer = field(default_factory=MetricsBuffer)
 
     def add(self, pos: int, line: ResultLine, body: object = None) -> None:
         self.pending.append((pos, wire.encode(line), line.ok))
         self.finished.add(pos)
-        self.codes[line.code] += 1
+        if not line.ok:
+            self.codes[line.code] += 1
         if line.ok and body is not None:
             self.usage.add(body)
 
@@ -108,31 +112,26 @@ class SegmentWriter:
             self.rt.blobs.put(segment_key(self.batch_id, self.index, run, seq, "out"), b"\n".join(out) + b"\n")
         if err:
             self.rt.blobs.put(segment_key(self.batch_id, self.index, run, seq, "err"), b"\n".join(err) + b"\n")
+        codes = dict(self.codes)
         segment = Segment(run, seq, len(out), len(err), self.usage.as_list(), [pos for pos, _, _ in self.pending],
-                          {code: n for code, n in self.codes.items() if code is not None})
+                          codes)
         try:
             self.rt.store.commit_segment(self.batch_id, self.index, self.token, segment, self.rt.settings.chunk_lease_s)
         except SegmentRejected:
             self.rejected = True
             raise
         self.segments.append(segment)
-        lines = len(self.pending)
-        codes = {code: n for code, n in self.codes.items() if code is not None}
+        self.metrics.inc("tenant_lines", self.tenant, len(self.pending))
+        for code, n in codes.items():
+            self.metrics.inc("error_lines", code, n)
         self.pending.clear()
         self.codes.clear()
         self.usage = Usage()
-        self._count(lines, codes)
 
-    def _count(self, lines: int, codes: dict[str, int]) -> None:
-        """The /metrics counters of lines just made durable: by tenant, and error lines by code (both label sets
-        are bounded: tenants come from the configured keys, codes from README "Error codes" and http_<status>)."""
-        buffer = MetricsBuffer()
-        buffer.inc("tenant_lines", self.tenant, lines)
-        for code, n in codes.items():
-            buffer.inc("error_lines", code, n)
+    def flush_metrics(self) -> None:
         try:
-            buffer.flush(self.rt.store)
-        except Exception:  # noqa: BLE001 - a counter lost to a Redis blip must not undo a commit
+            self.metrics.flush(self.rt.store)
+        except Exception:  # noqa: BLE001 - counters kept for the next flush; a Redis blip must not undo a commit
             log.warning("%s chunk %d: could not count lines in the metrics", self.batch_id, self.index, exc_info=True)
 
     def try_flush(self) -> None:
@@ -151,7 +150,8 @@ class RunState:
     senders: list[asyncio.Task] = field(default_factory=list)
 
 
-def _flush_metrics(rt: Runtime, router: Router) -> None:
+def _flush_metrics(rt: Runtime, router: Router, writer: SegmentWriter) -> None:
+    writer.flush_metrics()
     for caller in router.callers():
         if caller.limiter is not None and caller.limiter.waited_s:
             router.metrics.inc("limiter_wait_ms", caller.provider.name, int(caller.limiter.waited_s * 1000))
@@ -171,7 +171,7 @@ async def _heartbeat(rt: Runtime, batch_id: str, writer: SegmentWriter, state: R
             writer.try_flush()
             if not writer.rejected:
                 rt.store.renew_lease(batch_id, writer.index, writer.token, settings.chunk_lease_s)
-            _flush_metrics(rt, router)
+            _flush_metrics(rt, router, writer)
         except Exception:  # noqa: BLE001 - a Redis blip must not stop the requests in flight
             log.warning("heartbeat of %s chunk %d failed", batch_id, writer.index, exc_info=True)
 
@@ -238,7 +238,7 @@ async def send_requests(rt: Runtime, provider: Provider, record: BatchRecord,
     finally:
         heartbeat.cancel()
         await asyncio.gather(heartbeat, return_exceptions=True)
-        _flush_metrics(rt, router)
+        _flush_metrics(rt, router, writer)
     # Whatever did not finish: cut off by expiry, or by the chunk's time limit.
     unfinished = STOP_ERRORS["expired"] if state.stop == "expired" else DEADLINE
     for pos, line_no, request in requests:
@@ -347,6 +347,7 @@ def end_chunk(rt: Runtime, run: ChunkRun, node: str) -> bool:
         return False
     finally:
         rt.store.release_lease(batch_id, index, token)
+        run.writer.flush_metrics()
 
 
 async def run_chunk_async(rt: Runtime, batch_id: str, index: int, node: str = "",
