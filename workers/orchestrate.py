@@ -68,14 +68,21 @@ def admit(rt: Runtime, record: BatchRecord, total: int, now: float, start_other:
     return False
 
 
+def _admit_and_start(rt: Runtime, record: BatchRecord, total: int, now: float,
+                     start_other: Callable[[str], None]) -> bool:
+    """Whether the planned batch runs now: let in under its tenant's cap and moved to `in_progress` (or found
+    there, or `cancelling`: its chunks then write their cancelled lines)."""
+    if not admit(rt, record, total, now, start_other):
+        return False
+    outcome = rt.lifecycle.start(record, now)
+    return outcome.moved or outcome.status in (CANCELLING, IN_PROGRESS)
+
+
 def _resume(rt: Runtime, record: BatchRecord, start_other: Callable[[str], None]) -> list[int]:
     """A planned batch: start it if the planning run died before doing so (or it waited in line and may start
     now), and return its uncommitted chunks."""
     if record.state.status in (VALIDATING, QUEUED):
-        if not admit(rt, record, record.state.total, time.time(), start_other):
-            return []
-        outcome = rt.lifecycle.start(record, time.time())
-        if not outcome.moved and outcome.status not in (CANCELLING, IN_PROGRESS):
+        if not _admit_and_start(rt, record, record.state.total, time.time(), start_other):
             return []
     done = rt.store.done_chunks(record.id)
     return [i for i in range(record.state.n_chunks or 0) if i not in done]
@@ -169,10 +176,7 @@ def orchestrate(rt: Runtime, batch_id: str, start_other: Callable[[str], None] =
         {"total": str(scan.total), "model": scan.model or "", "provider": provider.name,
          "dispatched_at": str(int(now))},
     )
-    if not admit(rt, record, scan.total, now, start_other):
-        return []
-    outcome = rt.lifecycle.start(record, now)
-    if not outcome.moved and outcome.status not in (CANCELLING, IN_PROGRESS):
+    if not _admit_and_start(rt, record, scan.total, now, start_other):
         return []
     log.info("batch %s: %d requests in %d chunks of %d", batch_id, scan.total, len(chunks), size_per_chunk)
     return [c.index for c in chunks]
